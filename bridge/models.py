@@ -1,0 +1,210 @@
+"""The nouns every stage shares: the upstream Task, the Event the diff emits, the Delivery the rules
+make of it. pydantic only at the edge (Task, the upstream's JSON); frozen dataclasses inside.
+
+Pipeline: source -> snapshot -> diff -> events -> rules -> outbox -> targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+JSON = dict[str, Any]
+
+
+class Status(StrEnum):
+    NOT_START = "NOT_START"
+    MODAL = "MODAL"
+    SUBMITTED = "SUBMITTED"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCEL = "CANCEL"
+
+
+class Action(StrEnum):
+    IMAGINE = "IMAGINE"
+    UPSCALE = "UPSCALE"
+    VARIATION = "VARIATION"
+    REROLL = "REROLL"
+    ZOOM = "ZOOM"
+    PAN = "PAN"
+    DESCRIBE = "DESCRIBE"
+    BLEND = "BLEND"
+    SHORTEN = "SHORTEN"
+    SWAP_FACE = "SWAP_FACE"
+    ACTION = "ACTION"
+    INPAINT = "INPAINT"
+    OUTPAINT = "OUTPAINT"
+    CUSTOM_ZOOM = "CUSTOM_ZOOM"
+    VIDEO = "VIDEO"
+
+
+# Status only moves forward: NOT_START < MODAL < SUBMITTED < IN_PROGRESS < {SUCCESS, FAILURE, CANCEL}.
+# An empty status (a fresh new-api row) ranks as NOT_START; an unknown one as 0 too, so it never
+# blocks a later known status and never counts as finished.
+STATUS_RANK: dict[str, int] = {
+    "": 0,
+    Status.NOT_START: 0,
+    Status.MODAL: 1,
+    Status.SUBMITTED: 2,
+    Status.IN_PROGRESS: 3,
+    Status.SUCCESS: 4,
+    Status.FAILURE: 4,
+    Status.CANCEL: 4,
+}
+TERMINAL: frozenset[str] = frozenset({Status.SUCCESS, Status.FAILURE, Status.CANCEL})
+UNFINISHED: tuple[str, ...] = (
+    Status.NOT_START,
+    Status.MODAL,
+    Status.SUBMITTED,
+    Status.IN_PROGRESS,
+)
+
+
+def status_rank(status: str | None) -> int:
+    return STATUS_RANK.get(status or "", 0)
+
+
+class Button(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    customId: str | None = None  # noqa: N815 - the upstream's field names
+    emoji: str | None = None
+    label: str | None = None
+    style: int | None = None
+    type: int | None = None
+
+
+class Task(BaseModel):
+    """One task as the upstream serves it. Every field may be null or missing; unknown fields and
+    unknown status/action values are kept and passed on untouched (`model_dump` returns them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    action: Action | str | None = None
+    status: Status | str | None = None
+    progress: str | None = None
+    prompt: str | None = None
+    promptEn: str | None = None  # noqa: N815
+    description: str | None = None
+    state: str | None = None
+    submitTime: int | None = None  # noqa: N815
+    startTime: int | None = None  # noqa: N815
+    finishTime: int | None = None  # noqa: N815
+    imageUrl: str | None = None  # noqa: N815
+    failReason: str | None = None  # noqa: N815
+    buttons: list[Button] | None = None
+    properties: dict[str, Any] | None = None
+
+
+class EventType(StrEnum):
+    SUBMITTED = "task.submitted"
+    MODAL = "task.modal"
+    STARTED = "task.started"
+    PROGRESS = "task.progress"
+    SUCCEEDED = "task.succeeded"
+    FAILED = "task.failed"
+    CANCELLED = "task.cancelled"
+    STALLED = "task.stalled"
+    VANISHED = "task.vanished"
+    SOURCE_DOWN = "source.down"
+    SOURCE_UP = "source.up"
+
+
+EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
+
+
+def event_id(*parts: object) -> str:
+    """Deterministic id from (source, subject, type, new state): re-detecting the same change
+    after a crash yields the same id, so receivers can de-duplicate on `webhook-id`."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=16)
+    return "evt_" + digest.hexdigest()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change of a task (or of a source). `task` is the upstream JSON as it was sent, normalised
+    only where SPEC says so; `data` carries the rest of the CloudEvents `data` object."""
+
+    id: str
+    type: str
+    source: str
+    subject: str
+    time: datetime
+    task: JSON | None = None
+    previous: JSON | None = None
+    data: JSON = field(default_factory=dict)
+
+    def cloudevent(self) -> JSON:
+        data: JSON = dict(self.data)
+        if self.task is not None:
+            data["task"] = self.task
+        if self.previous is not None:
+            data["previous"] = self.previous
+        return {
+            "specversion": "1.0",
+            "id": self.id,
+            "type": self.type,
+            "source": f"bridge/{self.source}",
+            "subject": self.subject,
+            "time": iso(self.time),
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+
+    @classmethod
+    def from_cloudevent(cls, body: JSON) -> Event:
+        data = dict(body.get("data") or {})
+        task = data.pop("task", None)
+        previous = data.pop("previous", None)
+        source = str(body.get("source", ""))
+        source = source.removeprefix("bridge/")
+        raw_time = body.get("time")
+        time = datetime.fromisoformat(raw_time.replace("Z", "+00:00")) if raw_time else utcnow()
+        return cls(
+            id=str(body.get("id", "")),
+            type=str(body.get("type", "")),
+            source=source,
+            subject=str(body.get("subject", "")),
+            time=time,
+            task=task,
+            previous=previous,
+            data=data,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One event on its way to one target, as the rules rendered it. Stored in the outbox.
+
+    `group` is set for digest rules: deliveries with the same group that are due together are sent
+    as one message. `not_before` delays the first attempt (the digest window)."""
+
+    id: str
+    target: str
+    rule: str
+    event: Event
+    title: str
+    body: str
+    group: str | None = None
+    not_before: datetime | None = None
+
+
+def delivery_id(event_id: str, target: str) -> str:
+    """One delivery per (event, target), however many rules route the event there."""
+    return event_id + ":" + target
