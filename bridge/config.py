@@ -1,4 +1,4 @@
-"""rules.yaml: the pydantic models of the whole schema (unknown keys refused), `${VAR}` substitution,
+"""rules.yaml: pydantic models of the whole schema (unknown keys refused), `${VAR}` substitution,
 durations and rates. Loading with FILE:LINE:COL errors lives in `load_config`.
 """
 

@@ -45,7 +45,7 @@ class Action(StrEnum):
     VIDEO = "VIDEO"
 
 
-# Status only moves forward: NOT_START < MODAL < SUBMITTED < IN_PROGRESS < {SUCCESS, FAILURE, CANCEL}.
+# Status only moves forward: NOT_START < MODAL < SUBMITTED < IN_PROGRESS < SUCCESS|FAILURE|CANCEL.
 # An empty status (a fresh new-api row) ranks as NOT_START; an unknown one as 0 too, so it never
 # blocks a later known status and never counts as finished.
 STATUS_RANK: dict[str, int] = {
@@ -74,7 +74,7 @@ def status_rank(status: str | None) -> int:
 class Button(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    customId: str | None = None  # noqa: N815 - the upstream's field names
+    customId: str | None = None
     emoji: str | None = None
     label: str | None = None
     style: int | None = None
@@ -92,14 +92,14 @@ class Task(BaseModel):
     status: Status | str | None = None
     progress: str | None = None
     prompt: str | None = None
-    promptEn: str | None = None  # noqa: N815
+    promptEn: str | None = None
     description: str | None = None
     state: str | None = None
-    submitTime: int | None = None  # noqa: N815
-    startTime: int | None = None  # noqa: N815
-    finishTime: int | None = None  # noqa: N815
-    imageUrl: str | None = None  # noqa: N815
-    failReason: str | None = None  # noqa: N815
+    submitTime: int | None = None
+    startTime: int | None = None
+    finishTime: int | None = None
+    imageUrl: str | None = None
+    failReason: str | None = None
     buttons: list[Button] | None = None
     properties: dict[str, Any] | None = None
 
