@@ -1,0 +1,166 @@
+"""Normalisation: the upstream's bytes -> the task dicts the diff reads. Pure.
+Pipeline: source -> **normalise** -> snapshot -> diff.
+
+The quirks of the real servers (docs reference, sections 4 and 5), and what happens to them:
+
+- `status: null` (and a fresh new-api row's `""`) becomes `""`, which ranks as NOT_START; a status
+  that is not a string (never seen, but cheap to survive) becomes its text.
+- A numeric `id` becomes its text; a task without a usable id is dropped with a reason.
+- `progress` stays as sent: FAILURE `""` (midjourney-proxy) and FAILURE `"100%"` (new-api) never
+  produce progress events because the diff reads progress only while IN_PROGRESS.
+- `imageUrl` stays as sent (previews while running, new-api's `?rand=<ns>`); the diff never compares
+  it, nor buttons, properties or any unknown field, which are all kept untouched.
+
+Normalisation works in place on the freshly parsed dicts: no task is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from bridge.errors import SourceError
+
+__all__ = [
+    "Dropped",
+    "Normalized",
+    "normalize_task",
+    "normalize_tasks",
+    "parse_task_list",
+    "parse_tasks",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """One item of the upstream's list the bridge could not use, and why."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    tasks: list[dict[str, Any]]
+    dropped: list[Dropped] = field(default_factory=list)
+
+
+def parse_task_list(body: bytes) -> list[dict[str, Any]]:
+    """The body of /mj/task/list or /mj/task/list-by-condition: a JSON array of task objects.
+    Raises SourceError("bad_payload") for an empty, truncated or malformed body or the wrong
+    shape (an object instead of an array, items that are not objects)."""
+    data = _load_array(body)
+    for index, item in enumerate(data):
+        if type(item) is not dict:
+            raise _not_an_object(index, item)
+    return data
+
+
+def parse_tasks(body: bytes) -> Normalized:
+    """`parse_task_list` and `normalize_tasks` in one pass over the list (the poller's hot path)."""
+    data = _load_array(body)
+    tasks: list[dict[str, Any]] = []
+    dropped: list[Dropped] = []
+    append = tasks.append
+    for index, task in enumerate(data):
+        if type(task) is dict:
+            # Fast path, the shape of nearly every task: a str id and a str status.
+            tid = task.get("id")
+            if type(tid) is str and tid and type(task.get("status")) is str:
+                append(task)
+                continue
+            try:
+                append(normalize_task(task))
+            except ValueError as exc:
+                dropped.append(Dropped(index, str(exc)))
+        else:
+            raise _not_an_object(index, task)
+    return Normalized(tasks, dropped)
+
+
+def _load_array(body: bytes) -> list[Any]:
+    if not body or body.isspace():
+        raise SourceError("bad_payload", "the response body is empty, expected a JSON array")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise SourceError(
+            "bad_payload",
+            f"the response is not valid JSON (truncated or malformed, {len(body)} bytes): {exc}",
+        ) from exc
+    if type(data) is not list:
+        raise SourceError(
+            "bad_payload", f"expected a JSON array of tasks, got a JSON {_kind(data)}"
+        )
+    return data
+
+
+def _not_an_object(index: int, item: object) -> SourceError:
+    return SourceError(
+        "bad_payload",
+        f"expected a JSON array of task objects, item {index} is a JSON {_kind(item)}",
+    )
+
+
+def _kind(value: object) -> str:
+    match value:
+        case dict():
+            return "object"
+        case list():
+            return "array"
+        case str():
+            return "string"
+        case bool():
+            return "boolean"
+        case int() | float():
+            return "number"
+        case None:
+            return "null"
+    return type(value).__name__
+
+
+def _unusable_id(task: dict[str, Any]) -> str | None:
+    """Fixes a numeric id in place; returns why the id is unusable, or None when it is fine."""
+    tid = task.get("id")
+    if isinstance(tid, str):
+        return None if tid else "empty id"
+    if isinstance(tid, int) and not isinstance(tid, bool):
+        task["id"] = str(tid)
+        return None
+    if tid is None:
+        return "no id"
+    return f"id is a JSON {_kind(tid)}"
+
+
+def normalize_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Normalise one task in place and return it; ValueError(reason) when it has no usable id."""
+    reason = _unusable_id(task)
+    if reason is not None:
+        raise ValueError(reason)
+    status = task.get("status")
+    if not isinstance(status, str):
+        task["status"] = "" if status is None else str(status)
+    return task
+
+
+def normalize_tasks(items: list[Any]) -> Normalized:
+    """Normalise a parsed list in place; items without a usable id are dropped with a reason."""
+    tasks: list[dict[str, Any]] = []
+    dropped: list[Dropped] = []
+    append = tasks.append
+    for index, task in enumerate(items):
+        # Fast path, the shape of nearly every task: a dict with a str id and a str status.
+        if type(task) is dict:
+            tid = task.get("id")
+            if type(tid) is str and tid and type(task.get("status")) is str:
+                append(task)
+                continue
+            try:
+                append(normalize_task(task))
+            except ValueError as exc:
+                dropped.append(Dropped(index, str(exc)))
+        else:
+            dropped.append(Dropped(index, f"item is a JSON {_kind(task)}, not an object"))
+    return Normalized(tasks, dropped)
