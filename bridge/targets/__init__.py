@@ -1,0 +1,42 @@
+"""The targets stage: where the outbox's deliveries go. One module per kind of target; this module
+holds the `Target` seam and picks the implementation with a `match` on the config type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, assert_never
+
+import aiohttp
+
+from bridge.config import AppriseTargetConfig, TargetConfig, WebhookTargetConfig
+from bridge.store import OutboxItem
+from bridge.targets.notify import AppriseTarget
+from bridge.targets.webhook import WebhookTarget
+
+
+class Target(Protocol):
+    """Sends deliveries somewhere. Raises DeliveryError(retryable=..., retry_after=...) when the
+    target did not accept; returns only once it did."""
+
+    name: str
+
+    async def send(self, item: OutboxItem) -> None: ...
+
+    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
+        """Several deliveries of one digest group as ONE message."""
+        ...
+
+
+def build_target(name: str, config: TargetConfig, session: aiohttp.ClientSession) -> Target:
+    """The target for one `targets:` entry. The session is the process's; targets never close it."""
+    match config:
+        case WebhookTargetConfig():
+            return WebhookTarget(name, config, session)
+        case AppriseTargetConfig():
+            return AppriseTarget(name, config)
+        case _:
+            assert_never(config)
+
+
+__all__ = ["AppriseTarget", "Target", "WebhookTarget", "build_target"]

@@ -1,0 +1,283 @@
+"""The deliver stage: outbox workers, one lane per target. Claims due deliveries, sends them,
+marks them sent only once the target accepted. The only place retries, backoff, rate limits,
+dead letters and digests live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from bridge.config import TargetConfig
+from bridge.errors import DeliveryError, redact
+from bridge.store import OutboxItem, Store
+from bridge.targets import Target
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 600.0
+
+
+def backoff(attempts: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempts)], so a
+    crowd of failed deliveries does not come back in lockstep (AWS architecture blog)."""
+    return random.uniform(0.0, min(cap, base * 2.0 ** min(attempts, 32)))
+
+
+class TokenBucket:
+    """`count` sends per `period` seconds, bursts up to `count`. Reservations are taken
+    synchronously, so concurrent senders never overdraw it."""
+
+    def __init__(
+        self, count: int, period: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = count / period
+        self._capacity = float(count)
+        self._tokens = float(count)
+        self._clock = clock
+        self._stamp = clock()
+
+    def reserve(self) -> float:
+        """Take one token; return how long to wait before using it."""
+        now = self._clock()
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+    async def acquire(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def units(items: Sequence[OutboxItem]) -> list[list[OutboxItem]]:
+    """Split claimed items into messages: one per item, one per digest group claimed together."""
+    out: list[list[OutboxItem]] = []
+    groups: dict[str, list[OutboxItem]] = {}
+    for item in items:
+        if item.group is None:
+            out.append([item])
+        elif item.group in groups:
+            groups[item.group].append(item)
+        else:
+            groups[item.group] = [item]
+            out.append(groups[item.group])
+    return out
+
+
+def _bucket(config: TargetConfig) -> TokenBucket | None:
+    if config.rate_limit is None:
+        return None
+    count, period = config.rate_limit
+    return TokenBucket(count, period)
+
+
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """One target's worker state."""
+
+    name: str
+    target: Target
+    config: TargetConfig
+    bucket: TokenBucket | None
+    signal: asyncio.Event = field(default_factory=asyncio.Event)
+    held: set[str] = field(default_factory=set)  # claimed by us, outcome not recorded yet
+    active: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Deliverer:
+    """Runs one lane per target: `concurrency` sends in flight, retries persisted in the outbox.
+
+    `counts[(target, outcome)]` (outcome: sent, retry, dead) is there for metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        targets: Mapping[str, Target],
+        configs: Mapping[str, TargetConfig],
+        *,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        idle: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._lanes = [
+            _Lane(name, target, configs[name], _bucket(configs[name]))
+            for name, target in targets.items()
+        ]
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        # Deliveries may also appear without a wake() (e.g. `bridge dlq replay` from another
+        # process), so an idle lane looks again after this many seconds.
+        self._idle = idle
+        self._acks: list[str] = []
+        self._ack_signal = asyncio.Event()
+        self._lanes_done = False
+        self._stopping = False
+        self._running = False
+        self._done = asyncio.Event()
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def wake(self) -> None:
+        """New deliveries were committed: idle lanes claim now instead of at their next due time."""
+        for lane in self._lanes:
+            lane.signal.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled or drained."""
+        if self._running:
+            raise RuntimeError("Deliverer.run() is already running")
+        self._running, self._stopping, self._lanes_done = True, False, False
+        self._done.clear()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._acker())
+                try:
+                    async with asyncio.TaskGroup() as lanes:
+                        for lane in self._lanes:
+                            lanes.create_task(self._lane(lane))
+                finally:
+                    self._lanes_done = True
+                    self._ack_signal.set()
+        finally:
+            try:
+                # Acks first: a delivery the target accepted must not be handed back as unsent.
+                await self._flush_acks()
+                held = [i for lane in self._lanes for i in lane.held]
+                if held:
+                    await self._store.release(held)
+                for lane in self._lanes:
+                    lane.held.clear()
+            finally:
+                self._running = False
+                self._done.set()
+
+    async def drain(self, timeout: float) -> None:  # noqa: ASYNC109 (the seam in design.md)
+        """Shutdown: stop claiming, give in-flight sends up to `timeout` seconds, hand the rest
+        back to the outbox (they are sent again after a restart)."""
+        if not self._running:
+            return
+        self._stopping = True
+        self.wake()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._done.wait()
+        except TimeoutError:
+            for lane in self._lanes:
+                for task in list(lane.active):
+                    task.cancel()
+            await self._done.wait()
+
+    # -- a lane -----------------------------------------------------------------------------
+
+    async def _lane(self, lane: _Lane) -> None:
+        concurrency = lane.config.concurrency
+        batch = max(32, 4 * concurrency)
+        waiting: deque[list[OutboxItem]] = deque()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            lane.active.discard(task)
+            lane.signal.set()
+
+        async with asyncio.TaskGroup() as tg:
+            while not self._stopping:
+                # Cleared before looking at the state: anything that changes it sets it again.
+                lane.signal.clear()
+                while waiting and len(lane.active) < concurrency:
+                    task = tg.create_task(self._deliver(lane, waiting.popleft()))
+                    lane.active.add(task)
+                    task.add_done_callback(finished)
+                timeout: float | None = None
+                if len(lane.active) < concurrency:
+                    items = await self._store.claim(lane.name, time.time(), batch)
+                    if items:
+                        lane.held.update(i.id for i in items)
+                        waiting.extend(units(items))
+                        continue
+                    due = await self._store.next_due(lane.name)
+                    timeout = self._idle
+                    if due is not None:
+                        timeout = min(timeout, max(0.0, due - time.time()))
+                if self._stopping:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await lane.signal.wait()
+        # Claimed but never started: they stay in `held` and run() hands them back.
+
+    async def _deliver(self, lane: _Lane, unit: list[OutboxItem]) -> None:
+        try:
+            if lane.bucket is not None:
+                await lane.bucket.acquire()
+            if len(unit) == 1:
+                await lane.target.send(unit[0])
+            else:
+                await lane.target.send_digest(unit)
+        except DeliveryError as exc:
+            error = exc
+        except Exception as exc:
+            # A bug in a target must not stop the lane; the delivery is kept and retried.
+            log.exception("%s: unexpected error while sending", lane.name)
+            error = DeliveryError(
+                f"{lane.name}: unexpected {type(exc).__name__}: {redact(str(exc))}",
+                retryable=True,
+            )
+        else:
+            ids = [i.id for i in unit]
+            lane.held.difference_update(ids)
+            self._acks.extend(ids)
+            self._ack_signal.set()
+            self.counts[(lane.name, "sent")] += len(ids)
+            return
+        await self._failed(lane, unit, error)
+
+    async def _failed(self, lane: _Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
+        now = time.time()
+        message = redact(str(error))
+        for item in unit:
+            attempts = item.attempts + 1
+            give_up = None
+            if not error.retryable:
+                give_up = "not retryable"
+            elif attempts >= lane.config.max_attempts:
+                give_up = f"gave up after {attempts} attempts"
+            elif now - item.created_at >= lane.config.max_age:
+                give_up = f"gave up: older than max_age ({lane.config.max_age:g}s)"
+            if give_up is not None:
+                await self._store.mark_dead(item.id, f"{message} ({give_up})")
+                self.counts[(lane.name, "dead")] += 1
+                log.warning("%s: delivery %s is a dead letter: %s", lane.name, item.id, message)
+            else:
+                delay = error.retry_after
+                if delay is None:
+                    delay = backoff(item.attempts, self._backoff_base, self._backoff_cap)
+                await self._store.mark_retry(item.id, now + delay, message)
+                self.counts[(lane.name, "retry")] += 1
+                log.info("%s: retry %s in %.2fs: %s", lane.name, item.id, delay, message)
+            lane.held.discard(item.id)
+        lane.signal.set()  # the next due time may have moved closer
+
+    # -- acks -------------------------------------------------------------------------------
+
+    async def _acker(self) -> None:
+        """Marks accepted deliveries sent in batches: every ack that arrives while one batch is
+        being written goes into the next, so a busy target costs one transaction per batch."""
+        while True:
+            await self._ack_signal.wait()
+            self._ack_signal.clear()
+            await self._flush_acks()
+            if self._lanes_done:
+                return
+
+    async def _flush_acks(self) -> None:
+        if self._acks:
+            ids, self._acks = self._acks, []
+            await self._store.mark_sent(ids)

@@ -1,0 +1,448 @@
+"""The outbox stage: SQLite holds task state, events and the deliveries still owed to targets.
+A snapshot's states, its new events and their deliveries are written in ONE transaction, before
+anything is sent; `deliver.py` then claims, sends and marks them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+import orjson
+
+from bridge.diff import TaskState
+from bridge.errors import StoreError
+from bridge.models import Delivery, Event
+
+# Each entry moves the schema one version up; `PRAGMA user_version` says how many are applied.
+# Never edit an entry once released: append a new one.
+_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sources (
+        name TEXT PRIMARY KEY,
+        seen INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE tasks (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress INTEGER NOT NULL,
+        changed_at REAL NOT NULL,
+        stalled INTEGER NOT NULL DEFAULT 0,
+        missing INTEGER NOT NULL DEFAULT 0,
+        finished INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (source, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        source TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        time REAL NOT NULL,
+        json BLOB NOT NULL
+    );
+    CREATE INDEX events_time ON events (time);
+    CREATE TABLE outbox (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        event_id TEXT NOT NULL REFERENCES events (id),
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        "group" TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_error TEXT,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'inflight', 'sent', 'dead'))
+    );
+    CREATE INDEX outbox_due ON outbox (target, state, next_at);
+    CREATE INDEX outbox_state ON outbox (state, updated_at);
+    """,
+)
+
+_CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
+
+_ITEM_COLUMNS = (
+    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
+    "o.next_at, o.last_error"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One delivery as the outbox holds it: what to send, and how it went so far."""
+
+    id: str
+    target: str
+    rule: str
+    event: Event
+    title: str
+    body: str
+    group: str | None
+    attempts: int
+    created_at: float
+    next_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox item with its state, for the status page."""
+
+    item: OutboxItem
+    state: str
+    updated_at: float
+
+
+def _event_json(event: Event) -> bytes:
+    return orjson.dumps(event.cloudevent())
+
+
+def _item(row: Any) -> OutboxItem:
+    return OutboxItem(
+        id=row[0],
+        target=row[1],
+        rule=row[2],
+        event=Event.from_cloudevent(orjson.loads(row[3])),
+        title=row[4],
+        body=row[5],
+        group=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_at=row[9],
+        last_error=row[10],
+    )
+
+
+def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Store:
+    """Task state, events, outbox and dead letters in one SQLite file (WAL mode).
+
+    One connection, one writer: aiosqlite runs every statement on the connection's own thread, so
+    calls never interleave inside a transaction.
+    """
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str) -> Store:
+        """Open (creating or migrating) the database at `path`. Deliveries left in flight by a
+        process that died are handed back, so they are sent again."""
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from exc
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL, not FULL: in WAL mode a commit is in the OS once COMMIT returns, so a crash or
+            # SIGKILL of this process loses nothing committed; only a power cut or kernel panic can
+            # drop the last commits. FULL would fsync on every commit (one per snapshot and per ack
+            # batch) for that case alone, and what it protects is re-created anyway: the upstream
+            # still holds the tasks, and the deterministic event ids make re-detection store (and
+            # send) each change under the same id.
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+            store = cls(db)
+            await store._migrate(path)
+            await db.execute("UPDATE outbox SET state = 'pending' WHERE state = 'inflight'")
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open the database {path}: {exc}") from exc
+            raise
+        return store
+
+    async def _migrate(self, path: str) -> None:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(_MIGRATIONS):
+            raise StoreError(
+                f"the database {path} has schema version {version}, newer than this bridge "
+                f"knows ({len(_MIGRATIONS)}); upgrade the bridge"
+            )
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            # executescript commits on its own, so the version bump rides inside the script.
+            await self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[None]:
+        """One write transaction; rolled back on any error, cancellation included."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self._db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # COMMIT may have run before a cancel
+                await self._db.execute("ROLLBACK")
+            raise
+
+    # -- task state -------------------------------------------------------------------------
+
+    async def load_tasks(self, source: str) -> dict[str, TaskState]:
+        sql = (
+            "SELECT id, status, progress, changed_at, stalled, missing, finished "
+            "FROM tasks WHERE source = ?"
+        )
+        async with self._db.execute(sql, (source,)) as cur:
+            rows = await cur.fetchall()
+        return {
+            r[0]: TaskState(
+                status=r[1],
+                progress=r[2],
+                changed_at=r[3],
+                stalled=bool(r[4]),
+                missing=r[5],
+                finished=bool(r[6]),
+            )
+            for r in rows
+        }
+
+    async def source_seen(self, source: str) -> bool:
+        async with self._db.execute("SELECT seen FROM sources WHERE name = ?", (source,)) as cur:
+            row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def commit(
+        self,
+        source: str,
+        states: Mapping[str, TaskState],
+        events: Sequence[Event],
+        deliveries: Sequence[Delivery],
+        *,
+        seen: bool = True,
+    ) -> list[Event]:
+        """ONE transaction: upsert states, insert the events not stored yet, insert the deliveries
+        of those new events. Returns the new events. Re-detecting a change after a crash yields the
+        same event ids, so it stores (and sends) nothing twice."""
+        now = time.time()
+        candidates: dict[str, Event] = {e.id: e for e in events}
+        for d in deliveries:
+            candidates.setdefault(d.event.id, d.event)
+        db = self._db
+        async with self._tx():
+            known: set[str] = set()
+            ids = list(candidates)
+            for chunk in _chunks(ids):
+                sql = f"SELECT id FROM events WHERE id IN ({_marks(len(chunk))})"
+                async with db.execute(sql, chunk) as cur:
+                    known.update(r[0] for r in await cur.fetchall())
+            new = [e for e in candidates.values() if e.id not in known]
+            if states:
+                await db.executemany(
+                    "INSERT INTO tasks (source, id, status, progress, changed_at, stalled, "
+                    "missing, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (source, id) DO UPDATE SET status = excluded.status, "
+                    "progress = excluded.progress, changed_at = excluded.changed_at, "
+                    "stalled = excluded.stalled, missing = excluded.missing, "
+                    "finished = excluded.finished",
+                    [
+                        (
+                            source,
+                            task_id,
+                            s.status,
+                            s.progress,
+                            s.changed_at,
+                            int(s.stalled),
+                            s.missing,
+                            int(s.finished),
+                        )
+                        for task_id, s in states.items()
+                    ],
+                )
+            if new:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO events (id, type, source, subject, time, json) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (e.id, e.type, e.source, e.subject, e.time.timestamp(), _event_json(e))
+                        for e in new
+                    ],
+                )
+            new_ids = {e.id for e in new}
+            rows = [
+                (
+                    d.id,
+                    d.target,
+                    d.rule,
+                    d.event.id,
+                    d.title,
+                    d.body,
+                    d.group,
+                    now,
+                    d.not_before.timestamp() if d.not_before else now,
+                    now,
+                )
+                for d in deliveries
+                if d.event.id in new_ids
+            ]
+            if rows:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO outbox (id, target, rule, event_id, title, body, "
+                    '"group", created_at, next_at, updated_at) '
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            if seen:
+                await db.execute(
+                    "INSERT INTO sources (name, seen) VALUES (?, 1) "
+                    "ON CONFLICT (name) DO UPDATE SET seen = 1",
+                    (source,),
+                )
+        order = {e.id: i for i, e in enumerate(events)}
+        return sorted(new, key=lambda e: order.get(e.id, len(order)))
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
+        """Due pending deliveries of `target`, oldest first, marked in flight so no other worker
+        takes them. A crash leaves them in flight; `open` hands them back."""
+        db = self._db
+        async with self._tx():
+            sql = (
+                f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
+                "WHERE o.target = ? AND o.state = 'pending' AND o.next_at <= ? "
+                "ORDER BY o.next_at LIMIT ?"
+            )
+            async with db.execute(sql, (target, now, limit)) as cur:
+                rows = await cur.fetchall()
+            if rows:
+                await db.executemany(
+                    "UPDATE outbox SET state = 'inflight' WHERE id = ?", [(r[0],) for r in rows]
+                )
+        return [_item(r) for r in rows]
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Hand claimed deliveries back without counting an attempt (shutdown)."""
+        await self._update_many(
+            "UPDATE outbox SET state = 'pending' WHERE id = ? AND state = 'inflight'",
+            [(i,) for i in ids],
+        )
+
+    async def mark_sent(self, ids: Sequence[str]) -> None:
+        now = time.time()
+        await self._update_many(
+            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, updated_at = ?, "
+            "last_error = NULL WHERE id = ?",
+            [(now, i) for i in ids],
+        )
+
+    async def mark_retry(self, id: str, next_at: float, error: str) -> None:
+        await self._update_many(
+            "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?, "
+            "last_error = ?, updated_at = ? WHERE id = ?",
+            [(next_at, error, time.time(), id)],
+        )
+
+    async def mark_dead(self, id: str, error: str) -> None:
+        await self._update_many(
+            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?, "
+            "updated_at = ? WHERE id = ?",
+            [(error, time.time(), id)],
+        )
+
+    async def _update_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        async with self._tx():
+            await self._db.executemany(sql, rows)
+
+    async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
+        sql = (
+            f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT ?"
+        )
+        async with self._db.execute(sql, (limit,)) as cur:
+            return [_item(r) for r in await cur.fetchall()]
+
+    async def replay(self, ids: Sequence[str] | None) -> int:
+        """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
+        and a fresh age, so `max_attempts` and `max_age` count from the replay."""
+        now = time.time()
+        sql = (
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_at = ?, created_at = ?, "
+            "updated_at = ? WHERE state = 'dead'"
+        )
+        db = self._db
+        async with self._tx():
+            if ids is None:
+                async with db.execute(sql, (now, now, now)) as cur:
+                    count = cur.rowcount
+            else:
+                count = 0
+                for chunk in _chunks(list(ids)):
+                    chunk_sql = f"{sql} AND id IN ({_marks(len(chunk))})"
+                    async with db.execute(chunk_sql, (now, now, now, *chunk)) as cur:
+                        count += cur.rowcount
+        return count
+
+    async def recent_events(self, limit: int = 50) -> list[Event]:
+        sql = "SELECT json FROM events ORDER BY time DESC, rowid DESC LIMIT ?"
+        async with self._db.execute(sql, (limit,)) as cur:
+            return [Event.from_cloudevent(orjson.loads(r[0])) for r in await cur.fetchall()]
+
+    async def recent_deliveries(self, limit: int = 50) -> list[OutboxRow]:
+        """The latest deliveries in any state, newest first (status page)."""
+        sql = (
+            f"SELECT {_ITEM_COLUMNS}, o.state, o.updated_at FROM outbox o "
+            "JOIN events e ON e.id = o.event_id ORDER BY o.updated_at DESC, o.id LIMIT ?"
+        )
+        async with self._db.execute(sql, (limit,)) as cur:
+            return [OutboxRow(_item(r), r[11], r[12]) for r in await cur.fetchall()]
+
+    async def outbox_depth(self) -> dict[str, int]:
+        """Deliveries still waiting (pending or in flight) per target."""
+        sql = (
+            "SELECT target, COUNT(*) FROM outbox WHERE state IN ('pending', 'inflight') "
+            "GROUP BY target"
+        )
+        async with self._db.execute(sql) as cur:
+            return {r[0]: r[1] for r in await cur.fetchall()}
+
+    async def dead_count(self) -> dict[str, int]:
+        """Dead letters per target (metrics)."""
+        sql = "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
+        async with self._db.execute(sql) as cur:
+            return {r[0]: r[1] for r in await cur.fetchall()}
+
+    async def next_due(self, target: str) -> float | None:
+        sql = "SELECT MIN(next_at) FROM outbox WHERE target = ? AND state = 'pending'"
+        async with self._db.execute(sql, (target,)) as cur:
+            row = await cur.fetchone()
+        return float(row[0]) if row and row[0] is not None else None

@@ -1,0 +1,123 @@
+"""Target: any apprise URL (Slack, Discord, email, json://, 100+ services). One `Apprise` object per
+target, so each target's outcome is known; a failure becomes a DeliveryError carrying the reason
+apprise logged for that very call, redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import apprise
+
+from bridge.config import AppriseTargetConfig
+from bridge.errors import DeliveryError, Redactor
+from bridge.models import Status
+from bridge.store import OutboxItem
+
+log = logging.getLogger(__name__)
+
+# apprise logs an HTTP failure as "... error=404." in every HTTP plugin.
+_HTTP_ERROR = re.compile(r"error=(\d{3})\b")
+_DIGEST_TITLE_MAX = 200
+
+
+def validate_url(url: str) -> str | None:
+    """None when apprise understands `url`; else why not (redacted), e.g. for `bridge check`."""
+    if apprise.Apprise.instantiate(url) is None:
+        return "not an apprise URL this bridge can use (unknown scheme or missing parts)"
+    return None
+
+
+def digest_text(items: Sequence[OutboxItem]) -> tuple[str, str]:
+    """Title and body of one message standing for several deliveries of a digest group."""
+    titles = list(dict.fromkeys(i.title for i in items))
+    title = f"{len(items)} tasks: " + "; ".join(titles)
+    if len(title) > _DIGEST_TITLE_MAX:
+        title = title[: _DIGEST_TITLE_MAX - 1] + "…"
+    body = "\n\n".join(f"• {i.title}\n{i.body}".rstrip() for i in items)
+    return title, body
+
+
+def _retryable(reason: str) -> bool:
+    """apprise returns no status code, but its HTTP plugins log one: a 4xx other than 408/429 means
+    the service refused this message (bad token, unknown channel) and will refuse it again."""
+    codes = [int(c) for c in _HTTP_ERROR.findall(reason)]
+    return not any(400 <= c < 500 and c not in (408, 429) for c in codes)
+
+
+class AppriseTarget:
+    """Sends through apprise from worker threads, at most `concurrency` at a time."""
+
+    def __init__(self, name: str, config: AppriseTargetConfig) -> None:
+        self.name = name
+        self._config = config
+        self._redact = Redactor([config.url])
+        # No apprise-side deadline: the socket timeouts below bound a call, and without a
+        # deadline apprise sends in the calling thread instead of handing off to another pool.
+        self._asset = apprise.AppriseAsset(service_timeout=0)
+        self._apprise = apprise.Apprise(asset=self._asset)
+        self._service: Any = None
+        if self._apprise.add(config.url):
+            service = self._apprise[0]
+            service.retry = 0  # retries live in deliver.py, persisted; a ?retry= in the URL too
+            service.socket_connect_timeout = config.timeout
+            service.socket_read_timeout = config.timeout
+            if config.rate_limit is not None:
+                # Our token bucket paces this target; apprise's own pause would add to it.
+                service.request_rate_per_sec = 0
+            self._service = service
+        self._threads = asyncio.BoundedSemaphore(config.concurrency)
+
+    @property
+    def supports_attachments(self) -> bool:
+        return bool(self._service is not None and self._service.attachment_support)
+
+    async def send(self, item: OutboxItem) -> None:
+        image = None
+        task = item.event.task or {}
+        if self._config.attach_image and task.get("status") == Status.SUCCESS:
+            url = task.get("imageUrl")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                image = url
+        await self._notify(item.title, item.body, image)
+
+    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
+        title, body = digest_text(items)
+        await self._notify(title, body, None)
+
+    async def _notify(self, title: str, body: str, image: str | None) -> None:
+        if self._service is None:
+            raise DeliveryError(
+                f"{self.name}: {self._redact(self._config.url)} is not a valid apprise URL",
+                retryable=False,
+            )
+        async with self._threads:
+            ok, reason = await asyncio.to_thread(self._notify_blocking, title, body, image)
+        if not ok:
+            reason = self._redact(reason)
+            raise DeliveryError(f"{self.name}: {reason}", retryable=_retryable(reason))
+
+    def _notify_blocking(self, title: str, body: str, image: str | None) -> tuple[bool, str]:
+        attach = None
+        if image is not None and self.supports_attachments:
+            attach = apprise.AppriseAttachment(asset=self._asset)
+            attach.add(image)
+            # Touching the attachment downloads it; an expired image URL should not keep the
+            # notification itself from going out, so it is sent without.
+            if not attach[0]:
+                log.warning(
+                    "%s: the task image could not be fetched; sending without it", self.name
+                )
+                attach = None
+        result = self._apprise.notify(
+            body=body or title, title=title, attach=attach, log_level=logging.WARNING
+        )
+        if result:
+            return True, ""
+        messages = [entry.message for entry in result.logs()]
+        reason = " ".join(dict.fromkeys(messages)) or f"apprise reported {result.status.name}"
+        return False, reason
