@@ -1,0 +1,61 @@
+"""`bridge explain`: a dry run of the rules stage for one event. Shows which rules match, why the
+others do not (their first failing condition), and what each target would receive. Sends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.config import Config
+from bridge.models import Event
+from bridge.rules import Router
+
+
+def parse_event(body: Any) -> Event:
+    """A CloudEvents event as the webhook body carries it. Raises ValueError with a user message."""
+    if not isinstance(body, dict):
+        raise ValueError("the event must be a JSON object (a CloudEvents event)")
+    if not isinstance(body.get("type"), str) or not body["type"]:
+        if "status" in body and "id" in body:
+            raise ValueError(
+                "this looks like a bare task; wrap it as a CloudEvents event: "
+                '{"type": "task.succeeded", "source": "bridge/mj", "subject": "<task id>", '
+                '"data": {"task": {...}}}'
+            )
+        raise ValueError("the event has no 'type' (expected a CloudEvents event)")
+    if body.get("data") is not None and not isinstance(body["data"], dict):
+        raise ValueError("the event's 'data' must be an object")
+    try:
+        return Event.from_cloudevent(body)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a CloudEvents event this bridge understands: {exc}") from exc
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line if line else line for line in text.splitlines()) or prefix
+
+
+def explain(config: Config, body: dict[str, Any]) -> str:
+    """The report `bridge explain` prints."""
+    event = parse_event(body)
+    lines = [f"event {event.type} {event.subject or '-'} from {event.source or '-'} ({event.id})"]
+    matches = Router(config).explain(event)
+    if not matches:
+        lines.append("no rules in the config")
+    targets = 0
+    for match in matches:
+        lines.append("")
+        if not match.matched:
+            lines.append(f"rule {match.rule}: no match: {match.reason}")
+            continue
+        lines.append(f"rule {match.rule}: matches")
+        lines += [f"  note: {note}" for note in match.notes]
+        for delivery in match.deliveries:
+            targets += 1
+            lines.append(f"  -> {delivery.target}")
+            lines.append(f"     title: {delivery.title}")
+            lines.append("     body:")
+            lines.append(_indent(delivery.body, "       "))
+    lines.append("")
+    lines.append(f"{targets} target(s) would be notified; nothing was sent.")
+    return "\n".join(lines)
