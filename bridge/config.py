@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,27 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from bridge import rules, templates
 from bridge.errors import ConfigError, Problem
 from bridge.models import EVENT_TYPES
+
+__all__ = [
+    "AppriseTargetConfig",
+    "Config",
+    "ConfigError",
+    "ConfigWatcher",
+    "GroupConfig",
+    "Problem",
+    "RuleConfig",
+    "ServerConfig",
+    "SourceConfig",
+    "TargetCommon",
+    "TargetConfig",
+    "WebhookTargetConfig",
+    "check",
+    "load_config",
+    "parse_duration",
+    "parse_rate",
+    "substitute_env",
+    "watch_config",
+]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -408,13 +430,16 @@ def _apprise_problem(url: str) -> str | None:
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         return "not an apprise URL (expected scheme://..., e.g. slack://, discord://, mailtos://)"
-    schemes = apprise.NotificationManager()  # type: ignore[no-untyped-call]
-    if scheme.lower() not in schemes:
-        return f"unknown apprise scheme '{scheme}://'"
     logger = logging.getLogger("apprise")
     disabled, logger.disabled = logger.disabled, True  # apprise logs the whole URL on failure
     try:
-        ok = apprise.Apprise().add(url)
+        with warnings.catch_warnings():
+            # apprise's plugin loader imports the deprecated imghdr module.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            schemes = apprise.NotificationManager()  # type: ignore[no-untyped-call]
+            if scheme.lower() not in schemes:
+                return f"unknown apprise scheme '{scheme}://'"
+            ok = apprise.Apprise().add(url)
     finally:
         logger.disabled = disabled
     return None if ok else f"apprise cannot use this {scheme}:// URL (check its tokens and options)"
