@@ -1,0 +1,83 @@
+"""Source health: consecutive poll failures -> one `source.down`, the next good answer -> one
+`source.up`, and how long to wait before the next poll. Pure (the caller passes `now`).
+Pipeline: **source** -> snapshot -> diff; these events join the diff's on their way to the rules.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from bridge.models import Event, EventType, event_id, iso
+
+__all__ = ["SourceHealth"]
+
+
+class SourceHealth:
+    """One per source. `failure()` after each failed poll, `success()` after each good one; each
+    returns the event to emit, if any. Event ids come from (source, type, when the outage began),
+    so re-deciding the same outage after a restart gives the same ids."""
+
+    def __init__(
+        self, source: str, *, threshold: int = 3, max_backoff: float = 60.0, factor: float = 10.0
+    ) -> None:
+        self.source = source
+        self.threshold = threshold
+        self.max_backoff = max_backoff
+        self.factor = factor  # backoff is also capped at factor x poll_interval
+        self.failures = 0  # consecutive failed polls
+        self.since: float | None = None  # when the current run of failures began
+        self.down = False  # source.down was emitted and source.up not yet
+        self.reason: str | None = None  # of the last failure
+        self.message: str | None = None
+
+    def failure(self, reason: str, now: float, message: str = "") -> Event | None:
+        """Record a failed poll; `source.down` on the `threshold`-th failure in a row."""
+        self.failures += 1
+        self.reason, self.message = reason, message
+        if self.since is None:
+            self.since = now
+        if self.down or self.failures < self.threshold:
+            return None
+        self.down = True
+        return self._event(
+            EventType.SOURCE_DOWN.value,
+            now,
+            {
+                "reason": reason,
+                "message": message,
+                "failures": self.failures,
+                "since": iso(datetime.fromtimestamp(self.since, UTC)),
+            },
+        )
+
+    def success(self, now: float) -> Event | None:
+        """Record a good poll; `source.up` when the source was down."""
+        was_down, since = self.down, self.since
+        self.failures, self.since, self.down = 0, None, False
+        self.reason = self.message = None
+        if not was_down or since is None:
+            return None
+        data = {"since": iso(datetime.fromtimestamp(since, UTC)), "down_for": round(now - since, 3)}
+        return self._event(EventType.SOURCE_UP.value, now, data, since)
+
+    def backoff(self, poll_interval: float) -> float:
+        """Seconds until the next poll: the interval while healthy, doubling with each failure in
+        a row, capped at `max_backoff` or `factor` x the interval, whichever is smaller (but never
+        below the interval itself)."""
+        if self.failures == 0:
+            return poll_interval
+        cap = max(poll_interval, min(self.max_backoff, self.factor * poll_interval))
+        return min(cap, poll_interval * 2.0 ** min(self.failures, 32))
+
+    def _event(
+        self, type_: str, now: float, data: dict[str, object], since: float | None = None
+    ) -> Event:
+        began = self.since if since is None else since
+        return Event(
+            id=event_id(self.source, type_, began),
+            type=type_,
+            source=self.source,
+            subject=self.source,
+            time=datetime.fromtimestamp(now, UTC),
+            data=data,
+        )

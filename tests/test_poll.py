@@ -1,0 +1,379 @@
+"""PollingSource against a real local upstream: auth modes, capped lists with lookups by id, every
+fault mapped to its reason, secrets kept out of messages; then source health decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from bridge.config import SourceConfig
+from bridge.errors import SourceError
+from bridge.sources.health import SourceHealth
+from bridge.sources.poll import PollingSource
+
+KEY = "sk-secret-4242"
+
+
+def mj_task(tid: str, status: str = "SUCCESS", progress: str = "100%") -> dict[str, Any]:
+    return {"id": tid, "status": status, "progress": progress, "action": "IMAGINE"}
+
+
+class Upstream:
+    """A minimal task API: the newest `cap` tasks on /list, any on /list-by-condition."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict[str, Any]] = []
+        self.cap: int | None = None
+        self.fault: str | None = None
+        self.by_ids_fault: str | None = None
+        self.requests: list[tuple[str, str, dict[str, str], Any]] = []
+        self.release = asyncio.Event()
+        self.url = ""
+
+    async def list(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(("GET", request.path, dict(request.headers), None))
+        if self.fault:
+            return await self.misbehave(self.fault)
+        tasks = self.tasks if self.cap is None else self.tasks[: self.cap]
+        return web.Response(body=orjson.dumps(tasks), content_type="application/json")
+
+    async def by_ids(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        self.requests.append(("POST", request.path, dict(request.headers), body))
+        if self.by_ids_fault:
+            return await self.misbehave(self.by_ids_fault)
+        wanted = set(body.get("ids") or [])
+        found = [t for t in self.tasks if t["id"] in wanted]
+        return web.Response(body=orjson.dumps(found), content_type="application/json")
+
+    async def misbehave(self, fault: str) -> web.StreamResponse:
+        match fault:
+            case "timeout":
+                await self.release.wait()
+                return web.Response(text="[]")
+            case "html":
+                page = "<!doctype html><html><head><title>New API</title></head></html>"
+                return web.Response(text=page, content_type="text/html")
+            case "truncated":
+                body = orjson.dumps([mj_task("1"), mj_task("2")])[:-7]
+                return web.Response(body=body, content_type="application/json")
+            case "malformed":
+                return web.Response(text="[{'id': '1'}]", content_type="application/json")
+            case "object":
+                return web.json_response({"code": 4, "description": "task_no_found"})
+            case "items":
+                return web.json_response(["1748339029401828"])
+            case "empty":
+                return web.Response(body=b"", content_type="application/json")
+        return web.Response(status=int(fault), text=f"{fault} {KEY} echoed")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    app = web.Application()
+    app.router.add_get("/mj/task/list", up.list)
+    app.router.add_post("/mj/task/list-by-condition", up.by_ids)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    up.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield up
+    up.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def source(url: str, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
+    settings: dict[str, Any] = {"name": "mj", "base_url": url, "api_key": KEY, "timeout": "300ms"}
+    return PollingSource(SourceConfig(**(settings | config)), session)
+
+
+# --- the happy path -------------------------------------------------------------------------------
+
+
+async def test_poll_reads_the_list_and_normalises(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.tasks = [mj_task("2"), {"id": "1", "status": None, "x": [1]}, {"status": "SUCCESS"}]
+    src = source(upstream.url, session)
+    snapshot = await src.poll()
+    assert snapshot.tasks == [mj_task("2"), {"id": "1", "status": "", "x": [1]}]
+    assert snapshot.missing == frozenset()
+    assert snapshot.complete
+    assert src.dropped == 1
+    assert [r[:2] for r in upstream.requests] == [("GET", "/mj/task/list")]
+
+
+async def test_steady_state_is_one_request_per_poll(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.tasks = [mj_task("1", "IN_PROGRESS", "10%"), mj_task("2")]
+    src = source(upstream.url, session)
+    for _ in range(3):
+        await src.poll(tracked_unfinished=["1"])
+    assert len(upstream.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("auth", "header", "value"),
+    [
+        ("bearer", "Authorization", f"Bearer {KEY}"),
+        ("mj-api-secret", "mj-api-secret", KEY),
+        ("raw", "Authorization", KEY),
+        ("none", None, None),
+    ],
+    ids=["bearer", "mj-api-secret", "raw", "none"],
+)
+async def test_auth_modes(
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    auth: str,
+    header: str | None,
+    value: str | None,
+) -> None:
+    upstream.tasks = [mj_task("1", "IN_PROGRESS")]
+    upstream.cap = 0  # forces a lookup so both endpoints are checked
+    await source(upstream.url, session, auth=auth).poll(tracked_unfinished=["1"])
+    assert len(upstream.requests) == 2
+    for _, _, headers, _ in upstream.requests:
+        sent = {k.lower(): v for k, v in headers.items()}
+        if header is None:
+            assert "authorization" not in sent
+            assert "mj-api-secret" not in sent
+        else:
+            assert sent[header.lower()] == value
+            assert KEY not in str({k: v for k, v in sent.items() if k != header.lower()})
+
+
+async def test_capped_list_looks_up_missing_ids_in_batches_of_100(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.tasks = [mj_task(f"n{i}") for i in range(100)]  # the newest 100, all listed
+    upstream.tasks += [mj_task(f"old{i}", "IN_PROGRESS", "50%") for i in range(230)]
+    upstream.cap = 100
+    tracked = [f"old{i}" for i in range(230)] + ["gone1", "gone2", "n5"]
+    snapshot = await source(upstream.url, session).poll(tracked_unfinished=tracked)
+    lookups = [body["ids"] for method, _, _, body in upstream.requests if method == "POST"]
+    assert [len(ids) for ids in lookups] == [100, 100, 32]
+    assert sorted(i for ids in lookups for i in ids) == sorted(set(tracked) - {"n5"})
+    ids = [t["id"] for t in snapshot.tasks]
+    assert len(ids) == 330
+    assert set(ids) == {t["id"] for t in upstream.tasks}
+    assert snapshot.missing == frozenset({"gone1", "gone2"})
+
+
+async def test_fetch_ids(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    upstream.tasks = [mj_task(str(i)) for i in range(150)]
+    found = await source(upstream.url, session).fetch_ids([str(i) for i in range(140, 160)] * 2)
+    assert [t["id"] for t in found] == [str(i) for i in range(140, 150)]
+    posts = [body["ids"] for method, _, _, body in upstream.requests if method == "POST"]
+    assert posts == [[str(i) for i in range(140, 160)]]
+
+
+async def test_lookup_keeps_only_the_ids_asked_for(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    """A server that ignores the ids and answers with everything must not fake a lookup."""
+    upstream.tasks = [mj_task("a"), mj_task("b")]
+    upstream.cap = 0
+    original = upstream.by_ids
+
+    async def everything(request: web.Request) -> web.StreamResponse:
+        await original(request)
+        return web.json_response(upstream.tasks)
+
+    upstream.by_ids = everything  # type: ignore[method-assign]
+    found = await source(upstream.url, session).fetch_ids(["a"])
+    assert [t["id"] for t in found] == ["a"]
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+FAULTS = [
+    ("timeout", "timeout", "no answer within 0.3s"),
+    ("500", "server_error", "HTTP 500"),
+    ("502", "server_error", "HTTP 502"),
+    ("503", "server_error", "HTTP 503"),
+    ("429", "rate_limited", "HTTP 429"),
+    ("401", "auth_failed", "HTTP 401"),
+    ("403", "auth_failed", "HTTP 403"),
+    ("404", "not_a_task_api", "HTTP 404"),
+    ("400", "server_error", "HTTP 400"),
+    ("html", "not_a_task_api", "answered text/html.*new-api relays do not serve /mj/task/list"),
+    ("truncated", "bad_payload", "not valid JSON"),
+    ("malformed", "bad_payload", "not valid JSON"),
+    ("object", "bad_payload", "got a JSON object"),
+    ("items", "bad_payload", "item 0 is a JSON string"),
+    ("empty", "bad_payload", "empty"),
+]
+
+
+@pytest.mark.parametrize(("fault", "reason", "message"), FAULTS, ids=[f[0] for f in FAULTS])
+@pytest.mark.parametrize("endpoint", ["list", "list-by-condition"])
+async def test_faults(
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    fault: str,
+    reason: str,
+    message: str,
+    endpoint: str,
+) -> None:
+    upstream.tasks = [mj_task("1", "IN_PROGRESS", "10%")]
+    if endpoint == "list":
+        upstream.fault = fault
+    else:
+        upstream.cap = 0
+        upstream.by_ids_fault = fault
+    with pytest.raises(SourceError, match=message) as caught:
+        await source(upstream.url, session).poll(tracked_unfinished=["1"])
+    assert caught.value.reason == reason
+    assert KEY not in str(caught.value)
+    assert upstream.url in str(caught.value)
+
+
+async def test_refused_connection_is_unreachable(session: aiohttp.ClientSession) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SourceError, match=r"cannot connect to 127\.0\.0\.1") as caught:
+        await source(f"http://127.0.0.1:{port}", session).poll()
+    assert caught.value.reason == "unreachable"
+
+
+async def test_connection_cut_mid_body_is_bad_payload(session: aiohttp.ClientSession) -> None:
+    """Content-Length promises more than arrives before the server hangs up."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+            b'[{"id":"1","status":"SUCCESS"}'
+        )
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(SourceError) as caught:
+            await source(f"http://127.0.0.1:{port}", session).poll()
+    assert caught.value.reason == "bad_payload"
+
+
+async def test_server_that_hangs_up_without_answering_is_unreachable(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(SourceError) as caught:
+            await source(f"http://127.0.0.1:{port}", session).poll()
+    assert caught.value.reason == "unreachable"
+
+
+async def test_credentials_in_base_url_are_redacted(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.fault = "500"
+    url = upstream.url.replace("http://", "http://admin:hunter22@")
+    with pytest.raises(SourceError) as caught:
+        await source(url, session, auth="none").poll()
+    assert caught.value.reason == "server_error"
+    assert "hunter22" not in str(caught.value)
+    with pytest.raises(SourceError) as caught:  # two Authorization headers cannot be sent
+        await source(url, session, auth="bearer").poll()
+    assert caught.value.reason == "unreachable"
+    assert "hunter22" not in str(caught.value)
+    assert KEY not in str(caught.value)
+
+
+async def test_session_is_left_open(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    upstream.fault = "500"
+    with pytest.raises(SourceError):
+        await source(upstream.url, session).poll()
+    assert not session.closed
+
+
+# --- health ---------------------------------------------------------------------------------------
+
+
+def test_health_down_after_three_failures_then_up_once() -> None:
+    health = SourceHealth("mj")
+    assert health.failure("timeout", 100.0, "no answer") is None
+    assert health.failure("timeout", 105.0, "no answer") is None
+    down = health.failure("auth_failed", 110.0, "HTTP 401")
+    assert down is not None
+    assert down.type == "source.down"
+    assert down.source == down.subject == "mj"
+    assert down.data["reason"] == "auth_failed"
+    assert down.data["message"] == "HTTP 401"
+    assert down.data["since"] == "1970-01-01T00:01:40.000Z"
+    assert health.failure("timeout", 115.0) is None
+    assert health.down
+    up = health.success(120.0)
+    assert up is not None
+    assert up.type == "source.up"
+    assert up.data["down_for"] == 20.0
+    assert health.success(125.0) is None
+    assert down.id != up.id
+
+
+def test_health_ids_are_deterministic_from_when_the_outage_began() -> None:
+    def outage(start: float) -> list[str]:
+        health = SourceHealth("mj")
+        events = [health.failure("timeout", start + i) for i in range(4)]
+        events.append(health.success(start + 10))
+        return [e.id for e in events if e is not None]
+
+    assert outage(100.0) == outage(100.0)
+    assert outage(100.0) != outage(200.0)
+    assert len(outage(100.0)) == 2
+
+
+def test_health_a_success_resets_the_count() -> None:
+    health = SourceHealth("mj")
+    for t in range(10):
+        assert health.failure("timeout", t * 2.0) is None
+        assert health.failure("timeout", t * 2.0 + 1) is None
+        assert health.success(t * 2.0 + 1.5) is None
+
+
+@pytest.mark.parametrize(
+    ("interval", "failures", "expected"),
+    [
+        (5.0, 0, 5.0),
+        (5.0, 1, 10.0),
+        (5.0, 2, 20.0),
+        (5.0, 3, 40.0),
+        (5.0, 4, 50.0),  # 10 x interval
+        (0.05, 50, 0.5),
+        (10.0, 9, 60.0),  # max_backoff
+        (120.0, 3, 120.0),  # never below the interval
+    ],
+    ids=lambda v: str(v),
+)
+def test_backoff(interval: float, failures: int, expected: float) -> None:
+    health = SourceHealth("mj")
+    for t in range(failures):
+        health.failure("timeout", float(t))
+    assert health.backoff(interval) == pytest.approx(expected)
