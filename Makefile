@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint browser bench clean
 
 $(VENV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ lint: $(VENV)
 	$(BIN)/ruff check bridge tests bench
 	$(BIN)/mypy --strict bridge
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
+
+# The status page is tested in Debian's headless Chromium (driven by Python Playwright, no download).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 bench: $(VENV)
 	$(BIN)/python -m bench

@@ -1,0 +1,144 @@
+"""The one place that opens and closes resources: the HTTP session, the store, the targets, the
+watchers, the deliverer and the HTTP server, under one AsyncExitStack, with the loops in one
+TaskGroup. Reload swaps the whole running configuration after validating the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bridge.config import Config, ConfigWatcher
+from bridge.deliver import Deliverer
+from bridge.errors import ConfigError
+from bridge.logs import redact_with
+from bridge.metrics import Metrics
+from bridge.models import Event
+from bridge.rules import Router
+from bridge.sources.poll import PollingSource
+from bridge.store import Store
+from bridge.targets import build_target
+from bridge.watch import Pipeline, Watcher
+
+log = logging.getLogger("bridge.app")
+
+DRAIN_SECONDS = 10.0
+
+
+@dataclass(slots=True)
+class Running:
+    """What one configuration runs; the server reads it for health, metrics and the status page."""
+
+    config: Config
+    store: Store
+    pipeline: Pipeline
+    watchers: dict[str, Watcher]
+    deliverer: Deliverer
+
+
+@dataclass
+class Bridge:
+    """`bridge run`: poll, diff, route, deliver, serve. Stops on `stop()`; `swap()` reloads."""
+
+    config: Config
+    db: str
+    on_event: list[Callable[[Event], None]] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    running: Running | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _reload: asyncio.Event = field(default_factory=asyncio.Event)
+    _started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def swap(self, config: Config) -> None:
+        """Swap in a validated config whole: the running one is stopped cleanly and restarted."""
+        self.config = config
+        redact_with(config.secrets())
+        log.info("config reloaded; restarting with it")
+        self._reload.set()
+
+    async def wait_started(self) -> Running:
+        await self._started.wait()
+        assert self.running is not None
+        return self.running
+
+    async def run(self) -> None:
+        redact_with(self.config.secrets())
+        async with AsyncExitStack() as stack:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            store = await Store.open(self.db)
+            stack.push_async_callback(store.close)
+            while not self._stop.is_set():
+                self._reload.clear()
+                await self._run_config(self.config, store, session)
+
+    async def _run_config(
+        self, config: Config, store: Store, session: aiohttp.ClientSession
+    ) -> None:
+        targets = {name: build_target(name, cfg, session) for name, cfg in config.targets.items()}
+        deliverer = Deliverer(store, targets, config.targets)
+        pipeline = Pipeline(store, Router(config), deliverer.wake, list(self.on_event))
+        watchers = {s.name: Watcher(s, PollingSource(s, session), pipeline) for s in config.sources}
+        self.running = Running(config, store, pipeline, watchers, deliverer)
+        log.info(
+            "running: sources %s; targets %s; rules %s; listen %s",
+            ", ".join(f"{s.name} ({s.base_url})" for s in config.sources) or "none",
+            ", ".join(config.targets) or "none",
+            ", ".join(r.name for r in config.rules) or "none",
+            config.server.listen if config.server else "off",
+        )
+        async with AsyncExitStack() as stack:
+            if config.server is not None:
+                from bridge.server import serve
+
+                await stack.enter_async_context(serve(self, config.server.listen))
+            async with asyncio.TaskGroup() as group:
+                polls = [group.create_task(w.run()) for w in watchers.values()]
+                delivering = group.create_task(deliverer.run())
+                self._started.set()
+                stop = asyncio.ensure_future(self._stop.wait())
+                reload = asyncio.ensure_future(self._reload.wait())
+                try:
+                    await asyncio.wait([stop, reload], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    reload.cancel()
+                for task in polls:
+                    task.cancel()
+                await asyncio.gather(*polls, return_exceptions=True)
+                await deliverer.drain(DRAIN_SECONDS)
+                delivering.cancel()
+        self._started.clear()
+
+
+async def run_service(config: Config, db: str, config_path: Path) -> None:
+    """`bridge run` with signals: SIGINT/SIGTERM stop cleanly, SIGHUP (or an edit of the file)
+    reloads after validating; an invalid file is refused and the running config stays."""
+    bridge = Bridge(config, db)
+
+    def refused(exc: ConfigError) -> None:
+        log.error("reload refused, the running config stays:\n%s", exc)
+
+    watcher = ConfigWatcher(config_path, bridge.swap, refused)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, bridge.stop)
+    loop.add_signal_handler(signal.SIGTERM, bridge.stop)
+    loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
+    watching = asyncio.create_task(watcher.run())
+    try:
+        await bridge.run()
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    log.info("stopped cleanly")

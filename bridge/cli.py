@@ -1,0 +1,200 @@
+"""The `bridge` command: argument parsing and exit codes only (0 ok, 1 runtime failure,
+2 bad usage or invalid config). Each command's work lives in the module named after it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge import __version__, logs
+from bridge.errors import BridgeError, ConfigError
+
+log = logging.getLogger("bridge")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments the parser cannot see (an unreadable file): exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description=(
+            "mj-bridge watches Midjourney task APIs (midjourney-proxy, its forks and relays), "
+            "turns every task change into one event and routes events through rules.yaml to "
+            "signed webhooks and to Slack, Discord, email and 100+ services through apprise."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"mj-bridge {__version__}")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c",
+            "--config",
+            default=os.environ.get("BRIDGE_CONFIG", "rules.yaml"),
+            help="the rules file (default: $BRIDGE_CONFIG or rules.yaml)",
+        )
+
+    def db_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--db",
+            default=os.environ.get("BRIDGE_DB", "bridge.db"),
+            help="the state database (default: $BRIDGE_DB or bridge.db)",
+        )
+
+    p = sub.add_parser(
+        "run",
+        help="the service: poll, diff, route, deliver, serve HTTP",
+        description="Run the bridge until SIGINT/SIGTERM (clean stop); SIGHUP or an edit of the "
+        "rules file reloads it after validating.",
+    )
+    config_arg(p)
+    db_arg(p)
+
+    p = sub.add_parser(
+        "check",
+        help="validate the config; print FILE:LINE:COL for every problem",
+        description="Validate rules.yaml. Exit 0 when it is valid; otherwise print every problem "
+        "as FILE:LINE:COL: message and exit 2.",
+    )
+    config_arg(p)
+
+    p = sub.add_parser(
+        "demo",
+        help="zero-config tour: simulator, bridge and receiver in one process",
+        description="Start the embedded upstream simulator, the bridge and a local webhook "
+        "receiver, play a scripted set of tasks, print every event and delivery, exit 0.",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+
+    p = sub.add_parser(
+        "simulate",
+        help="the upstream simulator alone, for trying rules against a realistic API",
+        description="Serve a simulated Midjourney task API (midjourney-proxy, trueai or new-api "
+        "flavour) with tasks moving through realistic lifecycles.",
+    )
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--flavor", default="midjourney-proxy", choices=["midjourney-proxy", "trueai", "new-api"]
+    )
+    p.add_argument("--tasks", type=int, default=20, help="finished tasks to start with")
+    p.add_argument("--api-key", default="sim-key", help="the key clients must send")
+
+    p = sub.add_parser(
+        "explain",
+        help="dry run: which rules match an event and what each target would get",
+        description="Read an event (CloudEvents JSON as the webhook body carries it) and show "
+        "which rules match and the rendered title/body per target. Sends nothing.",
+    )
+    config_arg(p)
+    p.add_argument("event", help="path of the event JSON file, or - for standard input")
+
+    p = sub.add_parser(
+        "send-test",
+        help="send one test notification to a target",
+        description="Send one test notification to TARGET and report the outcome.",
+    )
+    config_arg(p)
+    p.add_argument("target")
+
+    p = sub.add_parser(
+        "dlq",
+        help="dead letters: list them or put them back in the outbox",
+        description="Dead letters are deliveries that failed for good (max_attempts, max_age or a "
+        "permanent error). List them, or replay them into the outbox.",
+    )
+    db_arg(p)
+    dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dlq.add_parser("list", help="a table of dead letters")
+    replay = dlq.add_parser("replay", help="put dead letters back in the outbox")
+    replay.add_argument("ids", nargs="*", metavar="ID")
+    replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.setup(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BridgeError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _read_json(path: str) -> Any:
+    import orjson
+
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return orjson.loads(raw)
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the event JSON: {exc}") from exc
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from bridge.config import load_config
+
+    match args.command:
+        case "check":
+            config = load_config(args.config)
+            print(
+                f"{args.config}: ok ({len(config.sources)} sources, "
+                f"{len(config.targets)} targets, {len(config.rules)} rules)"
+            )
+            return EXIT_OK
+        case "run":
+            from bridge.app import run_service
+
+            config = load_config(args.config)
+            asyncio.run(run_service(config, args.db, Path(args.config)))
+            return EXIT_OK
+        case "demo":
+            from bridge.demo import demo
+
+            return asyncio.run(demo(seconds=args.timeout))
+        case "simulate":
+            from bridge.simulator import serve
+
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve(args.port, args.flavor, args.tasks, args.api_key))
+            return EXIT_OK
+        case "explain":
+            from bridge.explain import explain
+
+            config = load_config(args.config)
+            print(explain(config, _read_json(args.event)))
+            return EXIT_OK
+        case "send-test":
+            from bridge.dlq import send_test_command
+
+            config = load_config(args.config)
+            return asyncio.run(send_test_command(config, args.target))
+        case "dlq":
+            from bridge.dlq import dlq_command
+
+            return asyncio.run(dlq_command(args.db, args.dlq_command, args.ids, args.all))
+    return EXIT_USAGE
