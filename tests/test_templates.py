@@ -1,0 +1,198 @@
+"""Templates: task text is data, never evaluated; filters; a default title and body per event."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from bridge import templates
+from bridge.config import Config
+from bridge.models import EVENT_TYPES, Event
+from bridge.rules import Router
+
+T0 = datetime(2026, 11, 28, 13, 44, 14, tzinfo=UTC)
+TASK: dict[str, Any] = {
+    "id": "1748339029401828",
+    "action": "IMAGINE",
+    "status": "SUCCESS",
+    "progress": "100%",
+    "prompt": "dog playing ball --v 7",
+    "submitTime": 1748339029401,
+    "startTime": 1748339030665,
+    "finishTime": 1748339112775,
+    "imageUrl": "https://cdn.example.com/dog.png",
+    "failReason": None,
+}
+
+
+def event(type_: str, task: dict[str, Any] | None = None, **data: Any) -> Event:
+    if task is None and type_.startswith("task."):
+        task = TASK
+    return Event(
+        id="evt_1",
+        type=type_,
+        source="mj",
+        subject=(task or {}).get("id", "mj"),
+        time=T0,
+        task=task,
+        previous={"status": "IN_PROGRESS", "progress": "45%"},
+        data=data,
+    )
+
+
+def rendered(ev: Event, title: str | None = None, body: str | None = None) -> tuple[str, str]:
+    rule = {"name": "r", "to": ["t"], "title": title, "body": body}
+    config = Config.model_validate({"targets": {"t": "json://127.0.0.1:9"}, "rules": [rule]})
+    delivery = Router(config).route([ev], T0.timestamp())[0]
+    return delivery.title, delivery.body
+
+
+INJECTIONS = [
+    "{{ 7*7 }}",
+    "{% for x in range(3) %}boom{% endfor %}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{% raw %}",
+    "{#",
+    "${HOME}",
+]
+
+
+@pytest.mark.parametrize("prompt", INJECTIONS)
+def test_task_text_is_shown_literally(prompt: str) -> None:
+    ev = event("task.succeeded", {**TASK, "prompt": prompt, "failReason": prompt})
+    title, body = rendered(ev)
+    assert prompt in title
+    assert f"Prompt: {prompt}" in body
+    title, body = rendered(ev, "{{ task.prompt }}", "{{ task.failReason }}|{{ task.prompt }}")
+    assert title == prompt
+    assert body == f"{prompt}|{prompt}"
+
+
+def test_sandbox_refuses_unsafe_templates_and_falls_back() -> None:
+    ev = event("task.succeeded")
+    title, body = rendered(ev, "{{ task.__class__.__mro__ }}x", "{{ task.update({'a': 1}) }}")
+    assert title == "x"  # unsafe attributes are undefined
+    assert body.startswith("Prompt: dog playing ball")  # refused at render: default body
+    assert "a" not in TASK
+
+
+def test_missing_fields_render_empty() -> None:
+    ev = event("task.failed", {"id": "9"})
+    title, body = rendered(ev, "[{{ task.nope }}][{{ task.properties.botType }}]", "{{ data.x }}")
+    assert title == "[][]"
+    assert body == ""
+    title, body = rendered(ev)
+    assert title == "❌ task failed: 9"
+    assert body == "Task 9 on mj"
+
+
+DURATIONS = [
+    (0.25, "250ms"),
+    (5.5, "5.5s"),
+    (42, "42s"),
+    (83, "1m 23s"),
+    (3723, "1h 2m"),
+    (200000, "2d 7h"),
+    (0, "0ms"),
+    (None, ""),
+    ("83", "1m 23s"),
+]
+
+
+@pytest.mark.parametrize(("seconds", "text"), DURATIONS)
+def test_duration(seconds: Any, text: str) -> None:
+    assert templates.duration(seconds) == text
+
+
+def test_took_is_submit_to_finish() -> None:
+    assert templates.took(TASK) == "1m 23s"
+    assert templates.took({**TASK, "finishTime": None}) == ""
+    assert templates.took({"startTime": 1748339000000, "finishTime": 1748339060000}) == "1m"
+    title, _ = rendered(event("task.succeeded"), "{{ task | took }}")
+    assert title == "1m 23s"
+
+
+TIMES = [
+    ("{{ task.finishTime | localtime('Asia/Tokyo') }}", "2025-05-27 18:45:12 JST"),
+    ("{{ task.finishTime | localtime('UTC', '%H:%M') }}", "09:45"),
+    ("{{ task.finishTime | datetime('%H:%M %Z', 'Europe/Berlin') }}", "11:45 CEST"),
+    ("{{ task.finishTime | datetime }}", "2025-05-27 09:45:12 UTC"),
+    ("{{ event.time | localtime('America/New_York', '%d %b %H:%M') }}", "28 Nov 08:44"),
+    ("{{ task.nothing | localtime('UTC') }}", ""),
+]
+
+
+@pytest.mark.parametrize(("source", "text"), TIMES)
+def test_time_filters(source: str, text: str) -> None:
+    assert rendered(event("task.succeeded"), source)[0] == text
+
+
+DEFAULTS = [
+    ("task.submitted", "📝 IMAGINE submitted: dog playing ball --v 7", ["Prompt:"]),
+    ("task.modal", "✋ IMAGINE waits for input: dog playing ball --v 7", ["Status:"]),
+    ("task.started", "▶️ IMAGINE started: dog playing ball --v 7", ["Task 1748339029401828"]),
+    ("task.progress", "⏳ IMAGINE 100%: dog playing ball --v 7", ["Progress: 45% → 100%"]),
+    (
+        "task.succeeded",
+        "✅ IMAGINE succeeded: dog playing ball --v 7",
+        ["Image: https://cdn.example.com/dog.png", "Took: 1m 23s"],
+    ),
+    ("task.cancelled", "🚫 IMAGINE cancelled: dog playing ball --v 7", ["Prompt:"]),
+    ("task.stalled", "🐢 IMAGINE stalled at 100%: dog playing ball --v 7", ["Status:"]),
+    ("task.vanished", "👻 IMAGINE vanished: dog playing ball --v 7", ["Last seen: IN_PROGRESS"]),
+    ("source.up", "🟢 source mj is up again", ["answers correctly again"]),
+]
+
+
+@pytest.mark.parametrize(("type_", "title", "phrases"), DEFAULTS, ids=[d[0] for d in DEFAULTS])
+def test_default_texts(type_: str, title: str, phrases: list[str]) -> None:
+    got_title, body = rendered(event(type_))
+    assert got_title == title
+    for phrase in phrases:
+        assert phrase in body
+
+
+def test_default_failed_and_down() -> None:
+    failed = event("task.failed", {**TASK, "status": "FAILURE", "failReason": "banned prompt"})
+    title, body = rendered(failed)
+    assert title == "❌ IMAGINE failed: dog playing ball --v 7"
+    assert "Reason: banned prompt" in body
+    title, body = rendered(event("source.down", reason="auth_failed", message="HTTP 401"))
+    assert title == "🔴 source mj is down: auth_failed"
+    assert body.splitlines()[:2] == ["Reason: auth_failed", "HTTP 401"]
+
+
+def test_every_event_type_has_a_default() -> None:
+    assert set(templates.DEFAULT_TITLES) == set(EVENT_TYPES)
+    assert set(templates.DEFAULT_BODIES) == set(EVENT_TYPES)
+    title, _ = rendered(event("task.renamed"))  # a type from a newer bridge still renders
+    assert title == "task.renamed: 1748339029401828"
+
+
+def test_long_prompts_are_cut_in_titles() -> None:
+    title, _ = rendered(event("task.succeeded", {**TASK, "prompt": "word " * 50}))
+    assert len(title) < 100
+    assert title.endswith("…")
+
+
+def test_templates_compile_once() -> None:
+    source = "{{ task.id }} compiled once"
+    assert templates.compile_template(source) is templates.compile_template(source)
+
+
+@pytest.mark.parametrize(
+    ("source", "line"),
+    [
+        ("{{ x }", 1),
+        ("a\n{% for %}", 2),
+        ("{{ x | nofilter }}", 1),
+        ("{{ x | localtime('No/Where') }}", 1),
+    ],
+)
+def test_check_template(source: str, line: int) -> None:
+    failure = templates.check_template(source)
+    assert failure is not None
+    assert failure[0] == line
+    assert templates.check_template("{{ task.prompt | truncate(20) }}") is None
