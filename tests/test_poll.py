@@ -14,11 +14,15 @@ import pytest
 from aiohttp import web
 
 from bridge.config import SourceConfig
+from bridge.diff import Snapshot, TaskState, diff
 from bridge.errors import SourceError
+from bridge.models import Event
+from bridge.simulator import Simulator
 from bridge.sources.health import SourceHealth
 from bridge.sources.poll import PollingSource
 
 KEY = "sk-secret-4242"
+TERMINAL_TYPES = {"task.succeeded", "task.failed", "task.cancelled", "task.vanished"}
 
 
 def mj_task(tid: str, status: str = "SUCCESS", progress: str = "100%") -> dict[str, Any]:
@@ -377,3 +381,196 @@ def test_backoff(interval: float, failures: int, expected: float) -> None:
     for t in range(failures):
         health.failure("timeout", float(t))
     assert health.backoff(interval) == pytest.approx(expected)
+
+
+# --- against the simulator, every flavour -------------------------------------------------------
+
+AUTH_OF = {"midjourney-proxy": "mj-api-secret", "trueai": "raw", "new-api": "bearer"}
+SIM_FAULTS = {
+    "timeout": "timeout",
+    "500": "server_error",
+    "502": "server_error",
+    "401": "auth_failed",
+    "403": "auth_failed",
+    "429": "rate_limited",
+    "html": "not_a_task_api",
+    "truncated": "bad_payload",
+    "malformed": "bad_payload",
+    "wrong_shape": "bad_payload",
+    "empty": "bad_payload",
+}
+
+
+class Watch:
+    """The poll -> diff loop the bridge runs, reduced to what these tests look at."""
+
+    def __init__(self, src: PollingSource, *, by_ids: bool = False) -> None:
+        self.src = src
+        self.by_ids = by_ids  # new-api: no list, only lookups of known ids
+        self.states: dict[str, TaskState] = {}
+        self.events: list[Event] = []
+        self.now = 1000.0
+
+    async def look(self, *known: str) -> list[str]:
+        self.now += 1.0
+        unfinished = [tid for tid, s in self.states.items() if not s.finished]
+        if self.by_ids:
+            ids = list(dict.fromkeys([*unfinished, *known]))
+            found = await self.src.fetch_ids(ids)
+            gone = frozenset(ids) - {t["id"] for t in found}
+            snapshot = Snapshot(found, gone, complete=False)
+        else:
+            snapshot = await self.src.poll(unfinished)
+        result = diff("mj", self.states, snapshot, now=self.now)
+        self.states |= result.changed
+        self.events += result.events
+        return [e.type for e in result.events]
+
+    def types(self, tid: str) -> list[str]:
+        return [e.type for e in self.events if e.subject == tid]
+
+
+@pytest.fixture(params=["midjourney-proxy", "trueai", "new-api"])
+async def sim(request: pytest.FixtureRequest) -> AsyncIterator[Simulator]:
+    async with Simulator(request.param, api_key=KEY) as simulator:
+        yield simulator
+
+
+def sim_source(sim: Simulator, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
+    return source(sim.url, session, auth=AUTH_OF[sim.flavor], **config)
+
+
+OUTCOMES = [
+    ("success", True, "task.succeeded"),
+    ("failure", True, "task.failed"),
+    ("banned", False, "task.failed"),
+    ("cancel", True, "task.cancelled"),
+    ("timeout", True, "task.failed"),
+]
+
+
+@pytest.mark.parametrize(("outcome", "runs", "last"), OUTCOMES, ids=[o[0] for o in OUTCOMES])
+async def test_simulated_lifecycles_emit_each_change_once(
+    sim: Simulator, session: aiohttp.ClientSession, outcome: str, runs: bool, last: str
+) -> None:
+    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    sim.seed_tasks(20)
+    tid = sim.add_task("a cat", outcome=outcome, steps=3)
+    await watch.look(tid)
+    for _ in range(12):
+        sim.tick()
+        await watch.look()
+        assert await watch.look() == []  # the same state read twice emits nothing
+    types = watch.types(tid)
+    assert types[0] == "task.submitted"
+    assert ("task.started" in types) == runs
+    assert types[-1] == last
+    assert sum(t in TERMINAL_TYPES for t in types) == 1
+    assert len(watch.events) == len({e.id for e in watch.events})
+
+
+async def test_simulated_modal_then_submitted(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    tid = sim.add_task("zoom", outcome="modal")
+    await watch.look(tid)
+    assert sim.modal(tid)
+    for _ in range(10):
+        sim.tick()
+        await watch.look()
+    types = watch.types(tid)
+    assert types[0] == "task.modal"
+    assert "task.submitted" in types
+    assert types[-1] == "task.succeeded"
+
+
+async def test_simulated_cancel(sim: Simulator, session: aiohttp.ClientSession) -> None:
+    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    tid = sim.add_task("a cat", steps=4)
+    sim.tick(2)
+    await watch.look(tid)
+    assert sim.cancel(tid)
+    await watch.look()
+    # trueai's cancel sets FAILURE "取消任务"; midjourney-proxy/plus and new-api report CANCEL.
+    final = "task.failed" if sim.flavor == "trueai" else "task.cancelled"
+    assert watch.types(tid) == ["task.started", final]
+
+
+async def test_trueai_capped_list_is_completed_by_lookups(session: aiohttp.ClientSession) -> None:
+    async with Simulator("trueai", api_key=KEY) as sim:
+        watch = Watch(sim_source(sim, session))
+        tid = sim.add_task("the old one", steps=3)
+        await watch.look()
+        for i in range(120):  # 120 newer tasks push it out of the newest 100
+            sim.add_task(f"newer {i}", steps=50)
+        sim.requests.clear()
+        for _ in range(6):
+            sim.tick()
+            await watch.look()
+        assert watch.types(tid)[0] == "task.submitted"
+        assert watch.types(tid)[-1] == "task.succeeded"
+        assert ("POST", "/mj/task/list-by-condition") in sim.requests
+        # Once it finished, nothing is looked up any more: one request per poll.
+        sim.requests.clear()
+        await watch.look()
+        assert sim.requests == [("GET", "/mj/task/list")]
+
+
+async def test_vanished_only_after_two_lookups_found_nothing(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    tid = sim.add_task("a cat", steps=5)
+    sim.tick(2)
+    await watch.look(tid)
+    sim.remove_task(tid)
+    assert await watch.look() == []
+    assert await watch.look() == ["task.vanished"]
+    assert await watch.look() == []
+    assert watch.types(tid) == ["task.started", "task.vanished"]
+
+
+async def test_new_api_list_is_not_a_task_api(session: aiohttp.ClientSession) -> None:
+    async with Simulator("new-api", api_key=KEY) as sim:
+        sim.add_task()
+        with pytest.raises(SourceError, match=r"text/html.*new-api relays") as caught:
+            await sim_source(sim, session).poll()
+    assert caught.value.reason == "not_a_task_api"
+
+
+@pytest.mark.parametrize("fault", list(SIM_FAULTS))
+async def test_simulated_faults(sim: Simulator, session: aiohttp.ClientSession, fault: str) -> None:
+    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    health = SourceHealth("mj")
+    tid = sim.add_task("a cat", steps=3)
+    sim.tick(2)
+    await watch.look(tid)
+    before = (dict(watch.states), len(watch.events))
+    sim.fault = fault
+    downs = []
+    for i in range(4):
+        with pytest.raises(SourceError) as caught:
+            await watch.look()
+        assert caught.value.reason == SIM_FAULTS[fault]
+        assert KEY not in str(caught.value)
+        downs.append(health.failure(caught.value.reason, float(i), str(caught.value)))
+    assert [d is not None for d in downs] == [False, False, True, False]
+    assert (watch.states, len(watch.events)) == before  # a fault never invents task events
+    sim.fault = None
+    sim.tick(10)
+    await watch.look()
+    up = health.success(10.0)
+    assert up is not None
+    assert up.type == "source.up"
+    assert watch.types(tid)[-1] == "task.succeeded"
+
+
+async def test_simulated_wrong_key_is_auth_failed(
+    sim: Simulator, session: aiohttp.ClientSession
+) -> None:
+    src = source(sim.url, session, auth=AUTH_OF[sim.flavor], api_key="sk-wrong-key")
+    with pytest.raises(SourceError) as caught:
+        await src.fetch_ids(["1"])
+    assert caught.value.reason == "auth_failed"
+    assert "sk-wrong-key" not in str(caught.value)
