@@ -5,6 +5,7 @@ anything is sent; `deliver.py` then claims, sends and marks them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import time
@@ -136,12 +137,15 @@ def _marks(n: int) -> str:
 class Store:
     """Task state, events, outbox and dead letters in one SQLite file (WAL mode).
 
-    One connection, one writer: aiosqlite runs every statement on the connection's own thread, so
-    calls never interleave inside a transaction.
+    One connection, one writer: aiosqlite runs every statement on the connection's own thread, and
+    a lock keeps each call's statements (one transaction) together.
     """
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # Coroutines share the one connection: a transaction must not interleave with another's
+        # statements, and a read must not see another's uncommitted writes.
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str) -> Store:
@@ -204,14 +208,19 @@ class Store:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[None]:
         """One write transaction; rolled back on any error, cancellation included."""
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            await self._db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # COMMIT may have run before a cancel
-                await self._db.execute("ROLLBACK")
-            raise
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # COMMIT may have run before a cancel
+                    await self._db.execute("ROLLBACK")
+                raise
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._lock, self._db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
 
     # -- task state -------------------------------------------------------------------------
 
@@ -220,8 +229,7 @@ class Store:
             "SELECT id, status, progress, changed_at, stalled, missing, finished "
             "FROM tasks WHERE source = ?"
         )
-        async with self._db.execute(sql, (source,)) as cur:
-            rows = await cur.fetchall()
+        rows = await self._fetch(sql, (source,))
         return {
             r[0]: TaskState(
                 status=r[1],
@@ -235,9 +243,8 @@ class Store:
         }
 
     async def source_seen(self, source: str) -> bool:
-        async with self._db.execute("SELECT seen FROM sources WHERE name = ?", (source,)) as cur:
-            row = await cur.fetchone()
-        return bool(row and row[0])
+        rows = await self._fetch("SELECT seen FROM sources WHERE name = ?", (source,))
+        return bool(rows and rows[0][0])
 
     async def commit(
         self,
@@ -388,8 +395,7 @@ class Store:
             f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
             "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
-        async with self._db.execute(sql, (limit,)) as cur:
-            return [_item(r) for r in await cur.fetchall()]
+        return [_item(r) for r in await self._fetch(sql, (limit,))]
 
     async def replay(self, ids: Sequence[str] | None) -> int:
         """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
@@ -414,8 +420,7 @@ class Store:
 
     async def recent_events(self, limit: int = 50) -> list[Event]:
         sql = "SELECT json FROM events ORDER BY time DESC, rowid DESC LIMIT ?"
-        async with self._db.execute(sql, (limit,)) as cur:
-            return [Event.from_cloudevent(orjson.loads(r[0])) for r in await cur.fetchall()]
+        return [Event.from_cloudevent(orjson.loads(r[0])) for r in await self._fetch(sql, (limit,))]
 
     async def recent_deliveries(self, limit: int = 50) -> list[OutboxRow]:
         """The latest deliveries in any state, newest first (status page)."""
@@ -423,8 +428,7 @@ class Store:
             f"SELECT {_ITEM_COLUMNS}, o.state, o.updated_at FROM outbox o "
             "JOIN events e ON e.id = o.event_id ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
-        async with self._db.execute(sql, (limit,)) as cur:
-            return [OutboxRow(_item(r), r[11], r[12]) for r in await cur.fetchall()]
+        return [OutboxRow(_item(r), r[11], r[12]) for r in await self._fetch(sql, (limit,))]
 
     async def outbox_depth(self) -> dict[str, int]:
         """Deliveries still waiting (pending or in flight) per target."""
@@ -432,17 +436,14 @@ class Store:
             "SELECT target, COUNT(*) FROM outbox WHERE state IN ('pending', 'inflight') "
             "GROUP BY target"
         )
-        async with self._db.execute(sql) as cur:
-            return {r[0]: r[1] for r in await cur.fetchall()}
+        return {r[0]: r[1] for r in await self._fetch(sql)}
 
     async def dead_count(self) -> dict[str, int]:
         """Dead letters per target (metrics)."""
         sql = "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
-        async with self._db.execute(sql) as cur:
-            return {r[0]: r[1] for r in await cur.fetchall()}
+        return {r[0]: r[1] for r in await self._fetch(sql)}
 
     async def next_due(self, target: str) -> float | None:
         sql = "SELECT MIN(next_at) FROM outbox WHERE target = ? AND state = 'pending'"
-        async with self._db.execute(sql, (target,)) as cur:
-            row = await cur.fetchone()
-        return float(row[0]) if row and row[0] is not None else None
+        rows = await self._fetch(sql, (target,))
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None

@@ -1,0 +1,303 @@
+"""The deliverer with a real store, real webhook targets and a real local receiver: retries,
+Retry-After, dead letters, replay, digests, concurrency, rate limits and draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.config import TargetConfig, WebhookTargetConfig
+from bridge.deliver import Deliverer, TokenBucket, backoff, units
+from bridge.errors import DeliveryError
+from bridge.store import OutboxItem, Store
+from bridge.targets import Target, build_target
+from tests.receiver import Receiver, Reply, make_delivery, make_event
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(str(tmp_path / "bridge.db")) as s:
+        yield s
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def rx() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+def hook_config(rx: Receiver, **kw: Any) -> WebhookTargetConfig:
+    return WebhookTargetConfig.model_validate({"webhook": rx.url + "/hook", **kw})
+
+
+@asynccontextmanager
+async def running(
+    store: Store,
+    targets: dict[str, Target],
+    configs: dict[str, TargetConfig],
+    **kw: Any,
+) -> AsyncIterator[Deliverer]:
+    deliverer = Deliverer(store, targets, configs, backoff_base=0.01, idle=0.2, **kw)
+    task = asyncio.create_task(deliverer.run())
+    try:
+        yield deliverer
+    finally:
+        await deliverer.drain(2.0)
+        await task
+
+
+@asynccontextmanager
+async def hook(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver, **kw: Any
+) -> AsyncIterator[Deliverer]:
+    config = hook_config(rx, **kw)
+    async with running(
+        store, {"hook": build_target("hook", config, session)}, {"hook": config}
+    ) as d:
+        yield d
+
+
+async def commit(
+    store: Store, *numbers: int, target: str = "hook", group: str | None = None
+) -> list[Any]:
+    events = [make_event(n) for n in numbers]
+    await store.commit("mj", {}, events, [make_delivery(e, target, group) for e in events])
+    return events
+
+
+async def settled(store: Store, within: float = 10.0) -> None:
+    """Wait until nothing is pending or in flight."""
+    async with asyncio.timeout(within):
+        while await store.outbox_depth():  # noqa: ASYNC110 (the state lives in SQLite)
+            await asyncio.sleep(0.02)
+
+
+async def test_delivers_everything_and_marks_it_sent(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    events = await commit(store, *range(20))
+    async with hook(store, session, rx) as d:
+        got = await rx.wait_for(20)
+        await settled(store)
+    assert sorted(r.headers["webhook-id"] for r in got) == sorted(e.id for e in events)
+    assert d.counts[("hook", "sent")] == 20
+    assert await store.dead_letters() == []
+
+
+async def test_wake_picks_up_new_deliveries_at_once(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    async with hook(store, session, rx) as d:
+        d._idle = 60.0  # only wake() can get it going
+        await asyncio.sleep(0.05)
+        await commit(store, 1)
+        d.wake()
+        await rx.wait_for(1, within=5)
+
+
+async def test_retries_after_5xx_then_succeeds_with_the_same_id(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    [event] = await commit(store, 1)
+    rx.respond(500, 502)
+    async with hook(store, session, rx) as d:
+        got = await rx.wait_for(3)
+        await settled(store)
+    assert [r.headers["webhook-id"] for r in got] == [event.id] * 3
+    assert d.counts[("hook", "retry")] == 2
+    assert d.counts[("hook", "sent")] == 1
+
+
+async def test_retry_after_is_honoured(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, 1)
+    rx.respond(Reply(429, retry_after="1"))
+    async with hook(store, session, rx):
+        first, second = await rx.wait_for(2, within=5)
+    # backoff_base is 10ms, so only Retry-After can explain a pause this long
+    assert second.at - first.at >= 0.9
+
+
+async def test_4xx_is_a_dead_letter_at_once_and_replay_delivers_it(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    [event] = await commit(store, 1)
+    rx.respond(Reply(400, "missing field"))
+    async with hook(store, session, rx) as d:
+        await rx.wait_for(1)
+        await settled(store)
+        [dead] = await store.dead_letters()
+        assert dead.event.id == event.id
+        assert dead.attempts == 1
+        assert dead.last_error is not None
+        assert "HTTP 400: missing field" in dead.last_error
+        assert len(rx.requests) == 1
+
+        assert await store.replay([dead.id]) == 1
+        d.wake()
+        second = (await rx.wait_for(2))[1]
+        await settled(store)
+    assert second.headers["webhook-id"] == event.id
+    assert await store.dead_letters() == []
+
+
+async def test_max_attempts_makes_a_dead_letter(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, 1)
+    rx.default = Reply(503)
+    async with hook(store, session, rx, max_attempts=3):
+        await rx.wait_for(3)
+        await settled(store)
+    [dead] = await store.dead_letters()
+    assert dead.attempts == 3
+    assert dead.last_error is not None
+    assert "HTTP 503" in dead.last_error
+    assert "3 attempts" in dead.last_error
+    assert len(rx.requests) == 3
+
+
+async def test_max_age_makes_a_dead_letter(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, 1)
+    rx.default = Reply(503)
+    async with hook(store, session, rx, max_age="1ms"):
+        await rx.wait_for(1)
+        await settled(store)
+    [dead] = await store.dead_letters()
+    assert dead.last_error is not None
+    assert "max_age" in dead.last_error
+
+
+async def test_timeouts_are_retried(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, 1)
+    rx.respond(Reply(200, delay=1.0))
+    async with hook(store, session, rx, timeout="100ms"):
+        await rx.wait_for(2)
+        await settled(store)
+    assert await store.dead_letters() == []
+
+
+async def test_digest_group_is_one_message(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    events = await commit(store, 1, 2, 3, group="mj:digest")
+    await commit(store, 4)
+    async with hook(store, session, rx) as d:
+        await rx.wait_for(2)
+        await settled(store)
+    assert len(rx.requests) == 2
+    batch = next(
+        r for r in rx.requests if r.headers["content-type"].startswith("application/cloud")
+    )
+    assert [e["id"] for e in batch.json()] == [e.id for e in events]
+    assert d.counts[("hook", "sent")] == 4
+
+
+async def test_concurrency_bounds_sends_in_flight(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, *range(12))
+    rx.default = Reply(200, delay=0.1)
+    async with hook(store, session, rx, concurrency=3):
+        await rx.wait_for(12)
+        await settled(store)
+    assert rx.peak == 3
+
+
+class Flaky:
+    """A target with a bug: it raises something that is not a DeliveryError, once."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, item: OutboxItem) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyError("surprise")
+
+    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
+        raise DeliveryError("no digests", retryable=False)
+
+
+async def test_a_buggy_target_is_retried_not_fatal(store: Store, rx: Receiver) -> None:
+    await commit(store, 1, target="flaky")
+    flaky = Flaky()
+    config = hook_config(rx)
+    async with running(store, {"flaky": flaky}, {"flaky": config}) as d:
+        await settled(store)
+    assert flaky.calls == 2
+    assert d.counts[("flaky", "retry")] == 1
+
+
+async def test_drain_hands_unfinished_deliveries_back(
+    tmp_path: Path, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    path = str(tmp_path / "b.db")
+    async with await Store.open(path) as store:
+        await commit(store, *range(6))
+        rx.default = Reply(200, delay=5.0)
+        config = hook_config(rx, concurrency=2)
+        d = Deliverer(store, {"hook": build_target("hook", config, session)}, {"hook": config})
+        task = asyncio.create_task(d.run())
+        await rx.wait_for(2)
+        await d.drain(0.1)
+        await task
+        assert await store.outbox_depth() == {"hook": 6}
+        [item, *_] = await store.claim("hook", time.time(), 10)
+        assert item.attempts == 0  # handed back, not counted as a failed attempt
+
+
+async def test_rate_limit_paces_sends(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    await commit(store, *range(4))
+    async with hook(store, session, rx, rate_limit="2/s"):
+        got = await rx.wait_for(4, within=5)
+    # a burst of 2, then one every 0.5s
+    assert got[3].at - got[0].at >= 0.9
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    bucket = TokenBucket(2, 1.0, clock=lambda: now[0])
+    assert [bucket.reserve(), bucket.reserve()] == [0.0, 0.0]
+    assert bucket.reserve() == pytest.approx(0.5)
+    assert bucket.reserve() == pytest.approx(1.0)
+    now[0] = 10.0
+    assert bucket.reserve() == 0.0
+
+
+def test_backoff_is_full_jitter_with_a_cap() -> None:
+    samples = [backoff(3, base=1.0, cap=600.0) for _ in range(500)]
+    assert all(0.0 <= s <= 8.0 for s in samples)
+    assert max(samples) > 4.0  # spread over the whole window, not clustered
+    assert all(0.0 <= backoff(50, base=1.0, cap=600.0) <= 600.0 for _ in range(100))
+
+
+def test_units_group_digests_and_keep_order() -> None:
+    def it(n: int, group: str | None) -> OutboxItem:
+        e = make_event(n)
+        return OutboxItem(f"{n}", "t", "r", e, "", "", group, 0, 0.0, 0.0, None)
+
+    got = units([it(1, None), it(2, "g"), it(3, None), it(4, "g"), it(5, "h")])
+    assert [[i.id for i in u] for u in got] == [["1"], ["2", "4"], ["3"], ["5"]]

@@ -1,0 +1,185 @@
+"""The outbox store: one transaction per snapshot, nothing stored twice, claims, retries, dead
+letters and replay, migrations and crash recovery of in-flight deliveries."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bridge.diff import TaskState
+from bridge.errors import StoreError
+from bridge.store import Store
+from tests.receiver import make_delivery, make_event
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(str(tmp_path / "bridge.db")) as s:
+        yield s
+
+
+async def test_commit_stores_states_events_and_deliveries(store: Store) -> None:
+    events = [make_event(1), make_event(2, "task.failed")]
+    deliveries = [make_delivery(e, t) for e in events for t in ("hook", "chat")]
+    states = {
+        "1": TaskState("SUCCESS", 100, 10.0, finished=True),
+        "2": TaskState("FAILURE", 0, 11.0),
+    }
+
+    new = await store.commit("mj", states, events, deliveries)
+
+    assert [e.id for e in new] == [e.id for e in events]
+    assert await store.load_tasks("mj") == states
+    assert await store.load_tasks("other") == {}
+    assert await store.source_seen("mj")
+    assert not await store.source_seen("other")
+    assert await store.outbox_depth() == {"hook": 2, "chat": 2}
+    recent = await store.recent_events()
+    assert {e.id for e in recent} == {e.id for e in events}
+    assert recent[0].cloudevent()["data"]["task"]["id"] in {"1", "2"}
+
+
+async def test_recommitting_the_same_change_stores_nothing_twice(store: Store) -> None:
+    event = make_event(1)
+    delivery = make_delivery(event, "hook")
+    assert await store.commit("mj", {}, [event], [delivery]) == [event]
+    # A crash after the commit and a re-detection yield the same ids: nothing new, nothing resent.
+    items = await store.claim("hook", time.time() + 1, 10)
+    await store.mark_sent([i.id for i in items])
+    assert await store.commit("mj", {}, [event], [delivery]) == []
+    assert await store.claim("hook", time.time() + 1, 10) == []
+    assert await store.outbox_depth() == {}
+
+
+async def test_silent_first_contact_records_state_and_seen(store: Store) -> None:
+    await store.commit("mj", {"7": TaskState("IN_PROGRESS", 40, 1.0)}, [], [], seen=True)
+    assert await store.source_seen("mj")
+    await store.commit("other", {}, [], [], seen=False)
+    assert not await store.source_seen("other")
+
+
+async def test_claim_takes_due_items_once_and_in_order(store: Store) -> None:
+    events = [make_event(i) for i in range(5)]
+    await store.commit("mj", {}, events, [make_delivery(e, "hook") for e in events])
+    now = time.time() + 1
+    first = await store.claim("hook", now, 3)
+    second = await store.claim("hook", now, 3)
+    assert len(first) == 3
+    assert len(second) == 2
+    assert {i.id for i in first}.isdisjoint(i.id for i in second)
+    assert await store.claim("hook", now, 3) == []
+    assert await store.claim("chat", now, 3) == []
+    item = first[0]
+    assert item.event.id == events[0].id
+    assert item.event.cloudevent() == events[0].cloudevent() | {
+        "time": item.event.cloudevent()["time"]
+    }
+    assert (item.title, item.body, item.attempts, item.last_error) == (
+        "task 0 done",
+        "body of 0",
+        0,
+        None,
+    )
+
+
+async def test_not_before_delays_the_first_attempt(store: Store) -> None:
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    event = make_event(1)
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    await store.commit("mj", {}, [event], [replace(make_delivery(event, "hook"), not_before=later)])
+    assert await store.claim("hook", time.time(), 10) == []
+    due = await store.next_due("hook")
+    assert due == pytest.approx(later.timestamp(), abs=0.01)
+    assert len(await store.claim("hook", later.timestamp() + 0.01, 10)) == 1
+
+
+async def test_retry_dead_and_replay(store: Store) -> None:
+    event = make_event(1)
+    await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+    [item] = await store.claim("hook", time.time(), 10)
+    await store.mark_retry(item.id, time.time() + 60, "HTTP 503")
+    assert await store.claim("hook", time.time(), 10) == []
+    assert await store.next_due("hook") == pytest.approx(time.time() + 60, abs=2)
+    [item] = await store.claim("hook", time.time() + 61, 10)
+    assert (item.attempts, item.last_error) == (1, "HTTP 503")
+
+    await store.mark_dead(item.id, "HTTP 400: bad")
+    [dead] = await store.dead_letters()
+    assert (dead.id, dead.attempts, dead.last_error) == (item.id, 2, "HTTP 400: bad")
+    assert await store.outbox_depth() == {}
+    assert await store.next_due("hook") is None
+
+    assert await store.replay(["nope"]) == 0
+    assert await store.replay([item.id]) == 1
+    assert await store.dead_letters() == []
+    [again] = await store.claim("hook", time.time() + 0.01, 10)
+    assert again.attempts == 0  # replay starts the count (and the age) afresh
+
+
+async def test_replay_all(store: Store) -> None:
+    events = [make_event(i) for i in range(3)]
+    await store.commit("mj", {}, events, [make_delivery(e, "hook") for e in events])
+    for item in await store.claim("hook", time.time(), 10):
+        await store.mark_dead(item.id, "boom")
+    assert len(await store.dead_letters()) == 3
+    assert await store.replay(None) == 3
+    assert await store.outbox_depth() == {"hook": 3}
+
+
+async def test_inflight_rows_of_a_dead_process_go_back_to_pending(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    async with await Store.open(path) as store:
+        event = make_event(1)
+        await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+        assert len(await store.claim("hook", time.time(), 10)) == 1
+        # the process "dies" here: the row stays in flight on disk
+    async with await Store.open(path) as store:
+        [item] = await store.claim("hook", time.time(), 10)
+        assert item.attempts == 0
+
+
+async def test_release_hands_back_claimed_items(store: Store) -> None:
+    event = make_event(1)
+    await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+    [item] = await store.claim("hook", time.time(), 10)
+    await store.release([item.id])
+    [again] = await store.claim("hook", time.time(), 10)
+    assert again.id == item.id
+
+
+async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    async with await Store.open(str(path)):
+        pass
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.execute("PRAGMA user_version = 999")
+    with pytest.raises(StoreError, match="newer"):
+        await Store.open(str(path))
+
+
+async def test_a_failed_commit_leaves_nothing_behind(store: Store) -> None:
+    from dataclasses import replace
+
+    event = make_event(1)
+    # The outbox insert comes last and fails on a value SQLite cannot bind: states and events
+    # written before it in the same transaction must be gone too.
+    broken = replace(make_delivery(event, "hook"), title=object())
+    with pytest.raises(sqlite3.Error):
+        await store.commit("mj", {"1": TaskState("SUCCESS", 100, 1.0)}, [event], [broken])
+    assert await store.load_tasks("mj") == {}
+    assert await store.recent_events() == []
+    assert await store.outbox_depth() == {}
+    assert not await store.source_seen("mj")
+
+
+async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await Store.open(str(tmp_path / "missing-dir" / "b.db"))

@@ -1,0 +1,201 @@
+"""Webhook target against a real local receiver: CloudEvents body, Standard Webhooks signature
+checked with the independent `standardwebhooks` package, and how answers are classified."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from email.utils import formatdate
+
+import aiohttp
+import orjson
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from bridge.config import WebhookTargetConfig
+from bridge.errors import DeliveryError
+from bridge.store import OutboxItem
+from bridge.targets import WebhookTarget, build_target
+from bridge.targets.webhook import retry_after
+from tests.receiver import Receiver, Reply, make_event
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+async def rx() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+def item(n: int = 1) -> OutboxItem:
+    event = make_event(n)
+    return OutboxItem(
+        id=f"{event.id}:hook",
+        target="hook",
+        rule="r",
+        event=event,
+        title="t",
+        body="b",
+        group=None,
+        attempts=0,
+        created_at=time.time(),
+        next_at=time.time(),
+        last_error=None,
+    )
+
+
+def target(rx: Receiver, session: aiohttp.ClientSession, **kw: object) -> WebhookTarget:
+    config = WebhookTargetConfig.model_validate({"webhook": rx.url + "/hook", **kw})
+    built = build_target("hook", config, session)
+    assert isinstance(built, WebhookTarget)
+    return built
+
+
+@pytest.mark.parametrize(
+    "secret", [SECRET, "a plain shared secret"], ids=["whsec-base64", "plain-raw-bytes"]
+)
+async def test_signed_cloudevent_verifies_with_standardwebhooks(
+    rx: Receiver, session: aiohttp.ClientSession, secret: str
+) -> None:
+    sent = item()
+    hook = target(rx, session, secret=secret, headers={"X-Team": "art"})
+    await hook.send(sent)
+
+    [req] = await rx.wait_for(1)
+    verifier = Webhook(secret if secret.startswith("whsec_") else secret.encode())
+    body = verifier.verify(req.body, req.headers)
+    assert body == orjson.loads(orjson.dumps(sent.event.cloudevent()))
+    assert body["specversion"] == "1.0"
+    assert body["source"] == "bridge/mj"
+    assert body["data"]["task"]["status"] == "SUCCESS"
+    assert req.headers["webhook-id"] == sent.event.id
+    assert abs(int(req.headers["webhook-timestamp"]) - time.time()) < 60
+    assert req.headers["content-type"] == "application/json"
+    assert req.headers["x-team"] == "art"
+
+
+async def test_a_repeat_carries_the_same_webhook_id(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
+    hook = target(rx, session, secret=SECRET)
+    sent = item()
+    await hook.send(sent)
+    await hook.send(sent)
+    first, second = await rx.wait_for(2)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == sent.event.id
+    assert first.body == second.body
+
+
+async def test_wrong_key_does_not_verify(rx: Receiver, session: aiohttp.ClientSession) -> None:
+    await target(rx, session, secret=SECRET).send(item())
+    [req] = await rx.wait_for(1)
+    with pytest.raises(Exception, match="signature"):
+        Webhook(base64.b64encode(b"another key").decode()).verify(req.body, req.headers)
+
+
+async def test_unsigned_without_secret(rx: Receiver, session: aiohttp.ClientSession) -> None:
+    await target(rx, session).send(item())
+    [req] = await rx.wait_for(1)
+    assert "webhook-signature" not in req.headers
+    assert req.headers["webhook-id"]
+
+
+async def test_digest_is_a_cloudevents_batch(rx: Receiver, session: aiohttp.ClientSession) -> None:
+    hook = target(rx, session, secret=SECRET)
+    items = [item(1), item(2)]
+    await hook.send_digest(items)
+    await hook.send_digest(list(reversed(items)))
+    first, second = await rx.wait_for(2)
+    assert first.headers["content-type"] == "application/cloudevents-batch+json"
+    batch = Webhook(SECRET).verify(first.body, first.headers)
+    assert [e["id"] for e in batch] == [i.event.id for i in items]
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+
+
+CASES = [
+    (Reply(500, "oops"), True, None, "HTTP 500"),
+    (Reply(503, retry_after="7"), True, 7.0, "HTTP 503"),
+    (Reply(429, retry_after="2"), True, 2.0, "HTTP 429"),
+    (Reply(400, "bad request"), False, None, "HTTP 400: bad request"),
+    (Reply(404), False, None, "HTTP 404"),
+    (Reply(410), False, None, "HTTP 410"),
+    (Reply(301, headers={"Location": "/elsewhere"}), False, None, "redirect"),
+]
+
+
+@pytest.mark.parametrize(
+    ("reply", "retryable", "after", "message"),
+    CASES,
+    ids=["500", "503-retry-after", "429-retry-after", "400", "404", "410", "301"],
+)
+async def test_answers_are_classified(
+    rx: Receiver,
+    session: aiohttp.ClientSession,
+    reply: Reply,
+    retryable: bool,
+    after: float | None,
+    message: str,
+) -> None:
+    rx.respond(reply)
+    with pytest.raises(DeliveryError, match=message) as info:
+        await target(rx, session).send(item())
+    assert info.value.retryable is retryable
+    assert info.value.retry_after == after
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+async def test_any_2xx_is_accepted(
+    rx: Receiver, session: aiohttp.ClientSession, status: int
+) -> None:
+    rx.respond(status)
+    await target(rx, session).send(item())
+
+
+async def test_timeout_is_retryable(rx: Receiver, session: aiohttp.ClientSession) -> None:
+    rx.respond(Reply(200, delay=1.0))
+    with pytest.raises(DeliveryError, match="timed out") as info:
+        await target(rx, session, timeout="100ms").send(item())
+    assert info.value.retryable
+
+
+async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -> None:
+    config = WebhookTargetConfig(webhook="http://127.0.0.1:9/hook?token=s3cr3t-token")
+    with pytest.raises(DeliveryError) as info:
+        await WebhookTarget("hook", config, session).send(item())
+    assert info.value.retryable
+    assert "s3cr3t" not in str(info.value)
+
+
+async def test_errors_never_carry_secrets(rx: Receiver, session: aiohttp.ClientSession) -> None:
+    # A receiver that echoes what it got must not leak the secret or header values into errors.
+    rx.respond(Reply(500, body=f"got key {SECRET} and X-Api-Key: hdr-secret-value"))
+    hook = target(rx, session, secret=SECRET, headers={"X-Api-Key": "hdr-secret-value"})
+    with pytest.raises(DeliveryError) as info:
+        await hook.send(item())
+    assert SECRET not in str(info.value)
+    assert "hdr-secret-value" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_retry_after_forms() -> None:
+    now = time.time()
+    assert retry_after("120") == 120.0
+    assert retry_after(" 1.5 ") == 1.5
+    assert retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert retry_after("soon") is None
+    assert retry_after(None) is None
+
+
+async def test_invalid_whsec_secret_is_refused(session: aiohttp.ClientSession) -> None:
+    config = WebhookTargetConfig(webhook="http://127.0.0.1:9/", secret="whsec_***not base64***")
+    with pytest.raises(ValueError, match="base64"):
+        WebhookTarget("hook", config, session)
