@@ -107,7 +107,10 @@ class Matcher:
 def parse_matcher(value: Any) -> Matcher:
     """A scalar, `/regex/flags` (flags among i, m, s, x) or null. Raises ValueError."""
     if isinstance(value, dict | list):
-        raise ValueError("expected a value, a /regex/ or a list of them")
+        raise ValueError(
+            "expected a value, a /regex/ or a list of them"
+            " (reach nested fields with a dotted key such as properties.botType)"
+        )
     if value is None:
         return Matcher()
     if isinstance(value, str) and (m := _REGEX.match(value)):
