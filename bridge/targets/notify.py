@@ -6,12 +6,15 @@ apprise logged for that very call, redacted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import apprise
+from apprise.manager_plugins import NotificationManager
 
 from bridge.config import AppriseTargetConfig
 from bridge.errors import DeliveryError, Redactor
@@ -25,8 +28,19 @@ _HTTP_ERROR = re.compile(r"error=(\d{3})\b")
 _DIGEST_TITLE_MAX = 200
 
 
+@functools.cache
+def _load_plugins() -> None:
+    """apprise imports its plugins on first use, and one of them imports a deprecated stdlib
+    module (imghdr, through PGPy). Load them once, with that warning silenced, so it does not
+    surface wherever a URL happens to be parsed first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        NotificationManager().load_modules()
+
+
 def validate_url(url: str) -> str | None:
     """None when apprise understands `url`; else why not (redacted), e.g. for `bridge check`."""
+    _load_plugins()
     if apprise.Apprise.instantiate(url) is None:
         return "not an apprise URL this bridge can use (unknown scheme or missing parts)"
     return None
@@ -56,9 +70,10 @@ class AppriseTarget:
         self.name = name
         self._config = config
         self._redact = Redactor([config.url])
+        _load_plugins()
         # No apprise-side deadline: the socket timeouts below bound a call, and without a
         # deadline apprise sends in the calling thread instead of handing off to another pool.
-        self._asset = apprise.AppriseAsset(service_timeout=0)
+        self._asset = apprise.AppriseAsset(app_id="mj-bridge", service_timeout=0)
         self._apprise = apprise.Apprise(asset=self._asset)
         self._service: Any = None
         if self._apprise.add(config.url):

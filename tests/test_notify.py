@@ -1,0 +1,236 @@
+"""Apprise targets against real local servers: json:// and apprise's own Slack and Discord plugins
+pointed at a local receiver, mailto:// at a local SMTP server. Checks what really goes out, and
+that failures become DeliveryErrors with apprise's reason and no secrets."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from apprise.plugins.discord import NotifyDiscord
+from apprise.plugins.slack import NotifySlack
+
+from bridge.config import AppriseTargetConfig
+from bridge.errors import DeliveryError
+from bridge.store import OutboxItem
+from bridge.targets import AppriseTarget
+from bridge.targets.notify import validate_url
+from tests.receiver import Receiver, Reply, SMTPReceiver, make_event
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+SLACK_TOKENS = "T1JJ3T3L2/A1BRTD4JD/TIiajkdnlazkcOXrIdevi7"
+DISCORD = (
+    "417429632418316298",
+    "JHZ7lQml277CDHmQKMHI8qBe7bk2ZwO5UKjCiOAF7711o33MyZGnbDxeHYJb3hL3bd",
+)
+
+
+@pytest.fixture
+async def rx() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+def item(n: int = 1, title: str = "IMAGINE done", body: str = "a cat", **task: Any) -> OutboxItem:
+    event = make_event(n, **task)
+    return OutboxItem(
+        id=f"{event.id}:chat",
+        target="chat",
+        rule="r",
+        event=event,
+        title=title,
+        body=body,
+        group=None,
+        attempts=0,
+        created_at=time.time(),
+        next_at=time.time(),
+        last_error=None,
+    )
+
+
+def apprise_target(url: str, **kw: Any) -> AppriseTarget:
+    return AppriseTarget("chat", AppriseTargetConfig.model_validate({"url": url, **kw}))
+
+
+async def test_json_gets_title_and_body(rx: Receiver) -> None:
+    await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
+    [req] = await rx.wait_for(1)
+    assert req.path == "/notify"
+    payload = req.json()
+    assert payload["title"] == "IMAGINE done"
+    assert payload["message"] == "a cat"
+
+
+async def test_failure_carries_apprises_reason_and_is_retryable(rx: Receiver) -> None:
+    rx.respond(500)
+    target = apprise_target(f"json://bob:hunter22@127.0.0.1:{rx.port}/notify?token=tok-abcdef")
+    with pytest.raises(DeliveryError) as info:
+        await target.send(item())
+    message = str(info.value)
+    assert info.value.retryable
+    assert "500" in message
+    assert "JSON" in message  # what apprise logged, not a bare False
+    for secret in ("hunter22", "tok-abcdef", "bob:"):
+        assert secret not in message
+
+
+async def test_4xx_from_the_service_is_not_retryable(rx: Receiver) -> None:
+    rx.respond(404)
+    with pytest.raises(DeliveryError) as info:
+        await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
+    assert not info.value.retryable
+    assert "404" in str(info.value)
+
+
+async def test_unreachable_is_retryable() -> None:
+    with pytest.raises(DeliveryError, match="Connection error") as info:
+        await apprise_target("json://127.0.0.1:9/notify").send(item())
+    assert info.value.retryable
+
+
+async def test_apprises_own_retry_is_off(rx: Receiver) -> None:
+    rx.default = Reply(503)
+    with pytest.raises(DeliveryError):
+        await apprise_target(f"json://127.0.0.1:{rx.port}/n?retry=3&wait=0").send(item())
+    assert len(rx.requests) == 1  # retries belong to the outbox, where they are persisted
+
+
+async def test_invalid_url_is_a_final_error() -> None:
+    assert validate_url("nosuchservice://x") is not None
+    assert validate_url("json://127.0.0.1/x") is None
+    target = apprise_target("nosuchservice://user:secretpass@host/path")
+    with pytest.raises(DeliveryError, match="not a valid apprise URL") as info:
+        await target.send(item())
+    assert not info.value.retryable
+    assert "secretpass" not in str(info.value)
+
+
+async def test_attach_image_sends_the_succeeded_tasks_image(rx: Receiver) -> None:
+    rx.files["/img/cat.png"] = (PNG, "image/png")
+    target = apprise_target(f"json://127.0.0.1:{rx.port}/notify", attach_image=True)
+    await target.send(item(imageUrl=f"{rx.url}/img/cat.png"))
+    [req] = await rx.wait_for(1)
+    [attachment] = req.json()["attachments"]
+    assert base64.b64decode(attachment["base64"]) == PNG
+    assert attachment["mimetype"] == "image/png"
+
+
+async def test_attach_image_skips_a_missing_image_but_sends(rx: Receiver) -> None:
+    target = apprise_target(f"json://127.0.0.1:{rx.port}/notify", attach_image=True)
+    await target.send(item(imageUrl=f"{rx.url}/img/gone.png"))
+    [req] = await rx.wait_for(1)
+    assert not req.json().get("attachments")
+
+
+async def test_no_attachment_unless_asked_or_succeeded(rx: Receiver) -> None:
+    rx.files["/img/cat.png"] = (PNG, "image/png")
+    url = f"json://127.0.0.1:{rx.port}/notify"
+    await apprise_target(url).send(item(imageUrl=f"{rx.url}/img/cat.png"))
+    failed = item(2, status="FAILURE", imageUrl=f"{rx.url}/img/cat.png")
+    await apprise_target(url, attach_image=True).send(failed)
+    for req in await rx.wait_for(2):
+        assert not req.json().get("attachments")
+    assert rx.gets == []
+
+
+async def test_digest_is_one_message(rx: Receiver) -> None:
+    target = apprise_target(f"json://127.0.0.1:{rx.port}/notify")
+    await target.send_digest([item(1, title="cat done"), item(2, title="dog done", body="a dog")])
+    [req] = await rx.wait_for(1)
+    payload = req.json()
+    assert payload["title"].startswith("2 tasks: cat done; dog done")
+    assert "a cat" in payload["message"]
+    assert "a dog" in payload["message"]
+
+
+# -- apprise's real Slack and Discord plugins, pointed at the local receiver ----------------------
+
+
+@pytest.fixture
+def local_chat(rx: Receiver, monkeypatch: pytest.MonkeyPatch) -> Receiver:
+    monkeypatch.setattr(NotifySlack, "webhook_url", f"{rx.url}/slack/services")
+    monkeypatch.setattr(NotifyDiscord, "notify_url", f"{rx.url}/discord/api/webhooks")
+    return rx
+
+
+async def test_slack_webhook_message(local_chat: Receiver) -> None:
+    await apprise_target(f"slack://{SLACK_TOKENS}/#renders").send(item())
+    [req] = await local_chat.wait_for(1)
+    assert req.path == f"/slack/services/{SLACK_TOKENS}"
+    payload = req.json()
+    assert payload["channel"] == "#renders"
+    [attachment] = payload["attachments"]
+    assert (attachment["title"], attachment["text"]) == ("IMAGINE done", "a cat")
+    assert attachment["footer"] == "mj-bridge"
+
+
+async def test_slack_refusal_is_final_and_redacted(local_chat: Receiver) -> None:
+    local_chat.respond(Reply(404, "no_service"))
+    with pytest.raises(DeliveryError) as info:
+        await apprise_target(f"slack://{SLACK_TOKENS}/#renders").send(item())
+    assert not info.value.retryable
+    assert "Slack" in str(info.value)
+    assert "TIiajkdnlazkcOXrIdevi7" not in str(info.value)
+
+
+async def test_discord_message(local_chat: Receiver) -> None:
+    await apprise_target(f"discord://{DISCORD[0]}/{DISCORD[1]}").send(item())
+    [req] = await local_chat.wait_for(1)
+    assert req.path == f"/discord/api/webhooks/{DISCORD[0]}/{DISCORD[1]}"
+    assert req.json()["content"].splitlines() == ["IMAGINE done", "a cat"]
+
+
+async def test_discord_gets_the_image_attached(local_chat: Receiver) -> None:
+    local_chat.files["/img/cat.png"] = (PNG, "image/png")
+    target = apprise_target(f"discord://{DISCORD[0]}/{DISCORD[1]}", attach_image=True)
+    assert target.supports_attachments
+    await target.send(item(imageUrl=f"{local_chat.url}/img/cat.png"))
+    requests = await local_chat.wait_for(1)
+    uploads = [r for r in requests if r.headers["content-type"].startswith("multipart/form-data")]
+    assert uploads
+    assert PNG in uploads[-1].body
+
+
+async def test_discord_server_error_is_retryable(local_chat: Receiver) -> None:
+    local_chat.default = Reply(500)
+    with pytest.raises(DeliveryError) as info:
+        await apprise_target(f"discord://{DISCORD[0]}/{DISCORD[1]}").send(item())
+    assert info.value.retryable
+    assert DISCORD[1] not in str(info.value)
+
+
+# -- mailto:// to a real SMTP server on loopback ---------------------------------------------------
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[SMTPReceiver]:
+    server = SMTPReceiver()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_mailto_reaches_the_smtp_server(smtp: SMTPReceiver) -> None:
+    url = (
+        f"mailto://mailer:s3cret-pw@127.0.0.1:{smtp.port}"
+        "?to=oncall@example.com&from=bridge@example.com&mode=insecure"
+    )
+    await apprise_target(url).send(item(title="IMAGINE failed", body="banned prompt"))
+    [msg] = await smtp.wait_for(1)
+    assert msg["Subject"] == "IMAGINE failed"
+    assert "oncall@example.com" in msg["To"]
+    assert "banned prompt" in msg.get_body(preferencelist=("plain", "html")).get_content()  # type: ignore[union-attr]
+    assert smtp.logins == [("mailer", "s3cret-pw")]
+
+
+async def test_mailto_unreachable_is_retryable_and_redacted() -> None:
+    url = "mailto://mailer:s3cret-pw@127.0.0.1:9?to=oncall@example.com&from=b@example.com&mode=insecure"
+    with pytest.raises(DeliveryError) as info:
+        await apprise_target(url, timeout="2s").send(item())
+    assert info.value.retryable
+    assert "s3cret-pw" not in str(info.value)
