@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from email.message import Message
+from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
 from types import TracebackType
@@ -153,7 +153,7 @@ class SMTPReceiver:
     `messages` holds the parsed mails; `logins` the (user, password) pairs that logged in."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.messages: list[EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.logins: list[tuple[str, str]] = []
         self.port = 0
@@ -174,6 +174,7 @@ class SMTPReceiver:
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 msg = BytesParser(policy=default_policy).parsebytes(envelope.content)
+                assert isinstance(msg, EmailMessage)
                 receiver.messages.append(msg)
                 receiver.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
                 loop, arrived = receiver._loop, receiver._arrived
@@ -208,7 +209,7 @@ class SMTPReceiver:
             self._controller.stop()
             self._controller = None
 
-    async def wait_for(self, count: int, within: float = 10.0) -> list[Message]:
+    async def wait_for(self, count: int, within: float = 10.0) -> list[EmailMessage]:
         assert self._arrived is not None
         async with asyncio.timeout(within):
             while len(self.messages) < count:

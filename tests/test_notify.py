@@ -224,7 +224,9 @@ async def test_mailto_reaches_the_smtp_server(smtp: SMTPReceiver) -> None:
     [msg] = await smtp.wait_for(1)
     assert msg["Subject"] == "IMAGINE failed"
     assert "oncall@example.com" in msg["To"]
-    assert "banned prompt" in msg.get_body(preferencelist=("plain", "html")).get_content()  # type: ignore[union-attr]
+    text = msg.get_body(preferencelist=("plain", "html"))
+    assert text is not None
+    assert "banned prompt" in text.get_content()
     assert smtp.logins == [("mailer", "s3cret-pw")]
 
 

@@ -35,7 +35,7 @@ def _load_plugins() -> None:
     surface wherever a URL happens to be parsed first."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        NotificationManager().load_modules()
+        NotificationManager().load_modules()  # type: ignore[no-untyped-call]
 
 
 def validate_url(url: str) -> str | None:
