@@ -7,28 +7,33 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.config import Config
+from bridge.errors import BridgeError
 from bridge.models import Event
 from bridge.rules import Router
 
 
+class EventError(BridgeError, ValueError):
+    """The file given to `bridge explain` is not an event this bridge understands (bad usage)."""
+
+
 def parse_event(body: Any) -> Event:
-    """A CloudEvents event as the webhook body carries it. Raises ValueError with a user message."""
+    """A CloudEvents event as the webhook body carries it. Raises EventError (a user message)."""
     if not isinstance(body, dict):
-        raise ValueError("the event must be a JSON object (a CloudEvents event)")
+        raise EventError("the event must be a JSON object (a CloudEvents event)")
     if not isinstance(body.get("type"), str) or not body["type"]:
         if "status" in body and "id" in body:
-            raise ValueError(
+            raise EventError(
                 "this looks like a bare task; wrap it as a CloudEvents event: "
                 '{"type": "task.succeeded", "source": "bridge/mj", "subject": "<task id>", '
                 '"data": {"task": {...}}}'
             )
-        raise ValueError("the event has no 'type' (expected a CloudEvents event)")
+        raise EventError("the event has no 'type' (expected a CloudEvents event)")
     if body.get("data") is not None and not isinstance(body["data"], dict):
-        raise ValueError("the event's 'data' must be an object")
+        raise EventError("the event's 'data' must be an object")
     try:
         return Event.from_cloudevent(body)
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"not a CloudEvents event this bridge understands: {exc}") from exc
+        raise EventError(f"not a CloudEvents event this bridge understands: {exc}") from exc
 
 
 def _indent(text: str, prefix: str) -> str:
