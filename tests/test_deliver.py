@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.config import TargetConfig, WebhookTargetConfig
+from bridge.config import AppriseTargetConfig, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer, TokenBucket, backoff, units
-from bridge.errors import DeliveryError
+from bridge.dlq import format_dead_letters, send_test
+from bridge.errors import DeliveryError, Redactor
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target
 from tests.receiver import Receiver, Reply, make_delivery, make_event
@@ -301,3 +302,48 @@ def test_units_group_digests_and_keep_order() -> None:
 
     got = units([it(1, None), it(2, "g"), it(3, None), it(4, "g"), it(5, "h")])
     assert [[i.id for i in u] for u in got] == [["1"], ["2", "4"], ["3"], ["5"]]
+
+
+# -- dead letters table and send-test (bridge/dlq.py) ----------------------------------------------
+
+
+async def test_dead_letter_table_lists_and_redacts(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver
+) -> None:
+    [event] = await commit(store, 1)
+    leak = "see https://hooks.slack.com/services/T000/B000/XXXXSECRET and Bearer abc.def.ghi"
+    rx.respond(Reply(403, leak))
+    async with hook(store, session, rx):
+        await rx.wait_for(1)
+        await settled(store)
+    dead = await store.dead_letters()
+    table = format_dead_letters(dead, Redactor(["abc.def"]))
+    header, row, footer = table.splitlines()
+    assert header.split() == ["ID", "TARGET", "EVENT", "SUBJECT", "ATTEMPTS", "LAST", "ERROR"]
+    assert row.startswith(dead[0].id)
+    assert "hook" in row
+    assert "task.succeeded" in row
+    assert " 1 " in row
+    assert "HTTP 403" in row
+    assert "XXXXSECRET" not in table
+    assert "abc.def" not in table
+    assert footer == "1 dead letter"
+    assert format_dead_letters([]) == "no dead letters"
+    assert event.id in row
+
+
+async def test_send_test_reports_the_outcome(session: aiohttp.ClientSession, rx: Receiver) -> None:
+    outcome = await send_test("hook", hook_config(rx, secret="plain-secret"), session)
+    assert outcome.startswith("hook: accepted")
+    [req] = await rx.wait_for(1)
+    assert req.json()["type"] == "bridge.test"
+    assert req.headers["webhook-signature"].startswith("v1,")
+
+    rx.respond(Reply(401, "bad token plain-secret"))
+    with pytest.raises(DeliveryError, match="HTTP 401") as info:
+        await send_test("hook", hook_config(rx, secret="plain-secret"), session)
+    assert "plain-secret" not in str(info.value)
+
+    config = AppriseTargetConfig(url=f"json://127.0.0.1:{rx.port}/n")
+    assert (await send_test("chat", config, session)).startswith("chat: accepted")
+    assert (await rx.wait_for(3))[-1].json()["title"] == "mj-bridge test notification"
