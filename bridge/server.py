@@ -158,7 +158,8 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _security_headers(request: web.Request, handler: _Handler) -> web.StreamResponse:
     response = await handler(request)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # Not no-referrer: with it Chromium sends `Origin: null` on the page's own forms.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("Cache-Control", "no-store")
     return response
 

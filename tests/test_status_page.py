@@ -1,0 +1,220 @@
+"""The status page in a real headless Chromium (Debian's package, driven by Python Playwright):
+sources and events listed, untrusted prompts shown as text, a dead letter replayed with its
+button and delivered, cross-site posts refused. Screenshots go to tests/artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from bridge.simulator import Simulator
+from tests.conftest_browser import PUSH_TOKEN, SIM_KEY, Harness, eventually, make_config
+from tests.conftest_browser import running_bridge as running
+from tests.receiver import Receiver, Reply
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+PROMPT = '<script>alert("x")</script> a lighthouse & <b>storm</b>'
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        "/usr/bin/chromium is missing: `make browser` (apt-get install chromium) installs it",
+        allow_module_level=True,
+    )
+
+from playwright.async_api import Browser, Page, async_playwright, expect  # noqa: E402
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: dialogs.append(d.message))
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert dialogs == [], "a prompt's script ran in the page"
+
+
+@pytest.fixture
+async def rx() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def bridge(rx: Receiver, tmp_path: Path) -> AsyncIterator[tuple[Harness, Simulator]]:
+    async with Simulator(flavor="midjourney-proxy", api_key=SIM_KEY) as sim:
+        config = make_config(sim.url, rx.url)
+        async with running(config, tmp_path / "b.db") as harness:
+            yield harness, sim
+
+
+async def push(harness: Harness, task: dict[str, Any] | None) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{harness.url}/hooks/mj", params={"token": PUSH_TOKEN}, data=orjson.dumps(task)
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+async def test_status_page_in_chromium(
+    bridge: tuple[Harness, Simulator], rx: Receiver, page: Page
+) -> None:
+    harness, sim = bridge
+    store = harness.running.store
+    # The first delivery is refused for good (400): a dead letter at once. Later ones succeed.
+    rx.respond(Reply(400, b"no thanks"), path="/hook")
+    task_id = sim.add_task(PROMPT)
+    await push(harness, sim.task(task_id))
+    await rx.wait_for(1)
+    await eventually(lambda: harness.running.deliverer.counts[("hook", "dead")] == 1)
+    [dead] = await store.dead_letters()
+
+    await page.goto(harness.url + "/")
+    await expect(page).to_have_title("mj-bridge status")
+    source = page.locator('#sources tr[data-source="mj"]')
+    await expect(source).to_contain_text("up")
+    await expect(source.locator(".badge")).to_have_text("up")
+    event = page.locator("#events tbody tr").first
+    await expect(event).to_contain_text("task.submitted")
+    await expect(event).to_contain_text(task_id)
+    # The prompt is shown as text: no element was made of it, no script ran.
+    await expect(event.locator("td.prompt")).to_have_text(PROMPT)
+    assert await page.locator("#events td.prompt b, body script").count() == 0
+    row = page.locator(f'#dead tr[data-dead="{dead.id}"]')
+    await expect(row).to_contain_text("hook")
+    await expect(row).to_contain_text("400")
+    await expect(page.locator('#targets tr[data-target="hook"]')).to_contain_text("webhook")
+    assert rx.url not in await page.content()  # target URLs are never shown
+
+    # A cross-site form, on another site (localhost vs 127.0.0.1) with the right token: refused.
+    csrf = await page.locator('#dead input[name="csrf"]').first.get_attribute("value")
+    assert csrf
+    rx.files["/evil"] = (
+        (
+            f'<form method="post" action="{harness.url}/dlq/replay">'
+            f'<input type="hidden" name="csrf" value="{csrf}">'
+            '<input type="hidden" name="all" value="1"><button id="go">win</button></form>'
+        ).encode(),
+        "text/html",
+    )
+    evil = await page.context.new_page()
+    await evil.goto(f"http://localhost:{rx.port}/evil")
+    async with evil.expect_response(re.compile(r"/dlq/replay$")) as info:
+        await evil.click("#go")
+    assert (await info.value).status == 403
+    await evil.close()
+    assert [d.id for d in await store.dead_letters()] == [dead.id]
+
+    # The replay button of the dead letter: it leaves the list and is delivered.
+    await page.reload()
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
+    await row.locator("button.replay").click()
+    await expect(page.locator("#notice")).to_have_text("Replayed 1 dead letter.")
+    await expect(page.locator(f'#dead tr[data-dead="{dead.id}"]')).to_have_count(0)
+    [_, again] = await rx.wait_for(2, path="/hook")
+    assert again.json()["id"] == dead.event.id
+    for _ in range(500):  # the ack is written in the next batch
+        if [r.state for r in await store.recent_deliveries()] == ["sent"]:
+            break
+        await asyncio.sleep(0.01)
+    await page.goto(harness.url + "/")
+    await expect(page.locator("#dead")).to_contain_text("No dead letters.")
+    await expect(
+        page.locator(f'#deliveries tr[data-delivery="{dead.id}"] .badge.d-sent')
+    ).to_have_text("sent")
+    await page.screenshot(path=str(ARTIFACTS / "status-page-replayed.png"), full_page=True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "form", "cookie", "status"),
+    [
+        ({"Origin": "http://evil.example"}, "good", True, 403),
+        ({"Origin": "null"}, "good", True, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, "good", True, 403),
+        ({"Sec-Fetch-Site": "same-site"}, "good", True, 403),
+        ({}, "bad", True, 403),
+        ({}, "none", True, 403),
+        ({}, "good", False, 403),
+        ({"Origin": "SELF", "Sec-Fetch-Site": "same-origin"}, "good", True, 303),
+        ({}, "good", True, 303),
+    ],
+    ids=[
+        "foreign-origin",
+        "null-origin",
+        "cross-site",
+        "same-site-other-port",
+        "bad-token",
+        "no-token",
+        "no-cookie",
+        "same-origin",
+        "no-origin-good-token",
+    ],
+)
+async def test_replay_refuses_cross_site_posts(
+    bridge: tuple[Harness, Simulator],
+    rx: Receiver,
+    headers: dict[str, str],
+    form: str,
+    cookie: bool,
+    status: int,
+) -> None:
+    harness, sim = bridge
+    rx.respond(Reply(400), path="/hook")
+    await push(harness, sim.task(sim.add_task("a cat")))
+    await eventually(lambda: harness.running.deliverer.counts[("hook", "dead")] == 1)
+
+    # unsafe=True: aiohttp's jar keeps no cookies of bare IP hosts otherwise.
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as page, aiohttp.ClientSession() as stranger:
+        async with page.get(harness.url + "/") as resp:
+            assert resp.status == 200
+            html = await resp.text()
+            token = resp.cookies["bridge_csrf"].value
+            assert "SameSite=Strict" in resp.headers["Set-Cookie"]
+        assert [c.key for c in jar] == ["bridge_csrf"]
+        assert f'value="{token}"' in html
+        data = {"all": "1"}
+        if form != "none":
+            data["csrf"] = token if form == "good" else "x" * len(token)
+        headers = {k: harness.url if v == "SELF" else v for k, v in headers.items()}
+        http = page if cookie else stranger
+        async with http.post(
+            harness.url + "/dlq/replay", data=data, headers=headers, allow_redirects=False
+        ) as resp:
+            assert resp.status == status
+            if status == 303:
+                assert resp.headers["Location"] == "/?replayed=1"
+    assert len(await harness.running.store.dead_letters()) == (1 if status == 403 else 0)
