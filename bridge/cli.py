@@ -15,6 +15,7 @@ from typing import Any
 
 from bridge import __version__, logs
 from bridge.errors import BridgeError, ConfigError
+from bridge.explain import EventError
 
 log = logging.getLogger("bridge")
 
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    except UsageError as exc:
+    except (UsageError, EventError) as exc:
         print(f"bridge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BridgeError as exc:

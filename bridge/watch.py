@@ -149,11 +149,14 @@ class Watcher:
             if self.metrics is not None:
                 self.metrics.poll(self.config.name, time.perf_counter() - started, False)
             self.status.last_error = f"{exc.reason}: {exc}"
-            log.warning("%s: poll failed (%s): %s", self.config.name, exc.reason, exc)
+            # Loud once per outage (and when it turns into source.down); quiet while it lasts.
+            level = logging.WARNING if self.health.failures == 0 else logging.DEBUG
+            log.log(level, "%s: poll failed (%s): %s", self.config.name, exc.reason, exc)
             down = self.health.failure(exc.reason, now, str(exc))
             self.status.up = not self.health.down
             if down is None:
                 return []
+            log.error("%s: source down after %d failed polls (%s)", *self._outage())
             async with self._lock:
                 return await self.pipeline.publish(self.config.name, {}, [down], now=now)
         if self.metrics is not None:
@@ -172,6 +175,9 @@ class Watcher:
             await self.poll_once()
             wait = self.health.backoff(interval)
             await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
+
+    def _outage(self) -> tuple[str, int, str | None]:
+        return self.config.name, self.health.failures, self.health.reason
 
     def _count(self) -> None:
         self.status.tracked = len(self.states)
