@@ -90,6 +90,8 @@ class _Lane:
     bucket: TokenBucket | None
     signal: asyncio.Event = field(default_factory=asyncio.Event)
     held: set[str] = field(default_factory=set)  # claimed by us, outcome not recorded yet
+    fresh: bool = True  # the outbox may hold due items this lane has not claimed
+    look_at: float = 0.0  # when to claim again unasked (next due time, or the idle period)
     active: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -129,6 +131,7 @@ class Deliverer:
     def wake(self) -> None:
         """New deliveries were committed: idle lanes claim now instead of at their next due time."""
         for lane in self._lanes:
+            lane.fresh = True
             lane.signal.set()
 
     async def run(self) -> None:
@@ -180,32 +183,49 @@ class Deliverer:
 
     async def _lane(self, lane: _Lane) -> None:
         concurrency = lane.config.concurrency
-        batch = max(32, 4 * concurrency)
+        # Large claims keep the database off the hot path (one claim per few hundred sends); a
+        # rate-limited target claims only what it can send soon.
+        batch = max(256, 8 * concurrency)
+        if lane.config.rate_limit is not None:
+            batch = max(2, min(batch, 2 * lane.config.rate_limit[0]))
         waiting: deque[list[OutboxItem]] = deque()
 
-        def finished(task: asyncio.Task[None]) -> None:
-            lane.active.discard(task)
-            lane.signal.set()
-
         async with asyncio.TaskGroup() as tg:
-            while not self._stopping:
-                # Cleared before looking at the state: anything that changes it sets it again.
-                lane.signal.clear()
-                while waiting and len(lane.active) < concurrency:
+
+            def launch() -> None:
+                while waiting and len(lane.active) < concurrency and not self._stopping:
                     task = tg.create_task(self._deliver(lane, waiting.popleft()))
                     lane.active.add(task)
                     task.add_done_callback(finished)
-                timeout: float | None = None
-                if len(lane.active) < concurrency:
+
+            def finished(task: asyncio.Task[None]) -> None:
+                # The next send starts here, not in the loop below: the loop may be waiting on
+                # the database, and a free slot should not wait with it.
+                lane.active.discard(task)
+                launch()
+                lane.signal.set()
+
+            while not self._stopping:
+                # Cleared before looking at the state: anything that changes it sets it again.
+                lane.signal.clear()
+                launch()
+                # Claim the next batch while half of this one is still queued, so sends never
+                # wait for a claim; after an empty claim, only once woken or due.
+                if len(waiting) < batch // 2 and (lane.fresh or time.time() >= lane.look_at):
+                    lane.fresh = False
                     items = await self._store.claim(lane.name, time.time(), batch)
                     if items:
+                        lane.fresh = True  # there may be more
                         lane.held.update(i.id for i in items)
                         waiting.extend(units(items))
                         continue
                     due = await self._store.next_due(lane.name)
-                    timeout = self._idle
+                    lane.look_at = time.time() + self._idle
                     if due is not None:
-                        timeout = min(timeout, max(0.0, due - time.time()))
+                        lane.look_at = min(lane.look_at, due)
+                timeout = None  # a full queue waits for sends to finish
+                if len(waiting) < batch // 2:
+                    timeout = max(0.0, lane.look_at - time.time())
                 if self._stopping:
                     break
                 with contextlib.suppress(TimeoutError):
@@ -263,7 +283,8 @@ class Deliverer:
                 self.counts[(lane.name, "retry")] += 1
                 log.info("%s: retry %s in %.2fs: %s", lane.name, item.id, delay, message)
             lane.held.discard(item.id)
-        lane.signal.set()  # the next due time may have moved closer
+        lane.fresh = True  # the next due time may have moved closer
+        lane.signal.set()
 
     # -- acks -------------------------------------------------------------------------------
 

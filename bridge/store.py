@@ -152,6 +152,9 @@ class Store:
         """Open (creating or migrating) the database at `path`. Deliveries left in flight by a
         process that died are handed back, so they are sent again."""
         try:
+            # Tried with plain sqlite3 first: aiosqlite leaves its thread behind when the
+            # connect itself fails, and that thread later trips over a closed event loop.
+            await asyncio.to_thread(lambda: sqlite3.connect(path).close())
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
@@ -219,8 +222,9 @@ class Store:
                 raise
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._lock, self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        """One statement, in a transaction of its own, in one trip to the database thread."""
+        async with self._lock:
+            return list(await self._db.execute_fetchall(sql, params))
 
     # -- task state -------------------------------------------------------------------------
 
@@ -268,8 +272,7 @@ class Store:
             ids = list(candidates)
             for chunk in _chunks(ids):
                 sql = f"SELECT id FROM events WHERE id IN ({_marks(len(chunk))})"
-                async with db.execute(sql, chunk) as cur:
-                    known.update(r[0] for r in await cur.fetchall())
+                known.update(r[0] for r in await db.execute_fetchall(sql, chunk))
             new = [e for e in candidates.values() if e.id not in known]
             if states:
                 await db.executemany(
@@ -340,55 +343,55 @@ class Store:
     async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
         """Due pending deliveries of `target`, oldest first, marked in flight so no other worker
         takes them. A crash leaves them in flight; `open` hands them back."""
-        db = self._db
-        async with self._tx():
-            sql = (
-                f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
-                "WHERE o.target = ? AND o.state = 'pending' AND o.next_at <= ? "
-                "ORDER BY o.next_at LIMIT ?"
-            )
-            async with db.execute(sql, (target, now, limit)) as cur:
-                rows = await cur.fetchall()
-            if rows:
-                await db.executemany(
-                    "UPDATE outbox SET state = 'inflight' WHERE id = ?", [(r[0],) for r in rows]
-                )
-        return [_item(r) for r in rows]
+        # One statement is one transaction and one trip to the database thread: the hot path.
+        sql = (
+            "UPDATE outbox SET state = 'inflight' WHERE id IN ("
+            "SELECT id FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
+            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, "
+            "(SELECT json FROM events WHERE events.id = outbox.event_id), "
+            'title, body, "group", attempts, created_at, next_at, last_error'
+        )
+        rows = await self._fetch(sql, (target, now, limit))
+        return sorted((_item(r) for r in rows), key=lambda i: (i.next_at, i.created_at))
 
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
-        await self._update_many(
-            "UPDATE outbox SET state = 'pending' WHERE id = ? AND state = 'inflight'",
-            [(i,) for i in ids],
+        await self._update_ids(
+            "UPDATE outbox SET state = 'pending' WHERE state = 'inflight' AND id IN", (), ids
         )
 
     async def mark_sent(self, ids: Sequence[str]) -> None:
-        now = time.time()
-        await self._update_many(
+        await self._update_ids(
             "UPDATE outbox SET state = 'sent', attempts = attempts + 1, updated_at = ?, "
-            "last_error = NULL WHERE id = ?",
-            [(now, i) for i in ids],
+            "last_error = NULL WHERE id IN",
+            (time.time(),),
+            ids,
         )
 
     async def mark_retry(self, id: str, next_at: float, error: str) -> None:
-        await self._update_many(
+        await self._fetch(
             "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?, "
             "last_error = ?, updated_at = ? WHERE id = ?",
-            [(next_at, error, time.time(), id)],
+            (next_at, error, time.time(), id),
         )
 
     async def mark_dead(self, id: str, error: str) -> None:
-        await self._update_many(
+        await self._fetch(
             "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?, "
             "updated_at = ? WHERE id = ?",
-            [(error, time.time(), id)],
+            (error, time.time(), id),
         )
 
-    async def _update_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
+    async def _update_ids(self, sql: str, params: tuple[Any, ...], ids: Sequence[str]) -> None:
+        """`sql` ends in `id IN`; run it for `ids`: one statement when they fit in one."""
+        ids = list(ids)
+        if len(ids) <= _CHUNK:
+            if ids:
+                await self._fetch(f"{sql} ({_marks(len(ids))})", (*params, *ids))
             return
         async with self._tx():
-            await self._db.executemany(sql, rows)
+            for chunk in _chunks(ids):
+                await self._db.execute(f"{sql} ({_marks(len(chunk))})", (*params, *chunk))
 
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
         sql = (
