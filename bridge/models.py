@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 JSON = dict[str, Any]
 
@@ -71,6 +71,11 @@ def status_rank(status: str | None) -> int:
     return STATUS_RANK.get(status or "", 0)
 
 
+E = TypeVar("E", bound=StrEnum)
+# A known value becomes its enum member; an unknown one stays the string the upstream sent.
+Known = Annotated[E | str | None, Field(union_mode="left_to_right")]
+
+
 class Button(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -88,8 +93,8 @@ class Task(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str
-    action: Action | str | None = None
-    status: Status | str | None = None
+    action: Known[Action] = None
+    status: Known[Status] = None
     progress: str | None = None
     prompt: str | None = None
     promptEn: str | None = None

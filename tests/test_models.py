@@ -1,0 +1,117 @@
+"""The shared nouns: the upstream Task keeps what it does not know, and an Event survives the trip
+through its CloudEvents JSON (what `bridge explain` reads back)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from bridge.errors import Redactor, redact
+from bridge.models import Action, Event, Status, Task, event_id, status_rank
+
+NZ_SUCCESS = {
+    "id": "1748339029401828",
+    "properties": {"discordInstanceId": "1118138338562560102", "botType": "MID_JOURNEY"},
+    "action": "IMAGINE",
+    "status": "SUCCESS",
+    "prompt": "dog playing ball --v 7",
+    "promptEn": "dog playing ball --v 7",
+    "description": "/imagine dog playing ball --v 7",
+    "state": None,
+    "submitTime": 1748339029401,
+    "startTime": 1748339030665,
+    "finishTime": 1748339072775,
+    "imageUrl": "https://cdn.discordapp.com/attachments/1/2/user_dog.png",
+    "progress": "100%",
+    "failReason": None,
+    "buttons": [{"customId": "MJ::JOB::upsample::1::x", "emoji": "", "label": "U1", "type": 2}],
+}
+
+
+def test_a_documented_task_parses_into_its_enums() -> None:
+    task = Task.model_validate(NZ_SUCCESS)
+    assert task.status is Status.SUCCESS
+    assert task.action is Action.IMAGINE
+    assert task.buttons is not None
+    assert task.buttons[0].label == "U1"
+    assert task.model_dump(exclude_unset=True) == NZ_SUCCESS
+
+
+def test_unknown_values_and_fields_are_kept_untouched() -> None:
+    raw = {
+        "id": "1",
+        "status": "PAUSED",
+        "action": "VIDEO_EXTEND",
+        "mode": "RELAX",
+        "imageUrls": [{"url": "u", "thumbnail": "t"}],
+        "buttons": [{"customId": "c", "newThing": 1}],
+    }
+    task = Task.model_validate(raw)
+    assert task.status == "PAUSED"
+    assert task.action == "VIDEO_EXTEND"
+    assert task.model_dump(exclude_unset=True) == raw
+
+
+def test_nulls_everywhere_are_tolerated() -> None:
+    fields = [f for f in Task.model_fields if f != "id"]
+    task = Task.model_validate({"id": "1", **dict.fromkeys(fields)})
+    assert task.status is None
+    assert task.buttons is None
+
+
+@pytest.mark.parametrize(
+    ("status", "rank"),
+    [
+        *[("NOT_START", 0), ("", 0), (None, 0), ("MODAL", 1), ("SUBMITTED", 2)],
+        *[("IN_PROGRESS", 3), ("SUCCESS", 4), ("FAILURE", 4), ("CANCEL", 4), ("NEW", 0)],
+    ],
+    ids=str,
+)
+def test_status_ranks_follow_the_lifecycle(status: str | None, rank: int) -> None:
+    assert status_rank(status) == rank
+
+
+def test_event_survives_its_cloudevent() -> None:
+    event = Event(
+        id=event_id("mj", "1", "task.succeeded", "SUCCESS", "100%"),
+        type="task.succeeded",
+        source="mj",
+        subject="1",
+        time=datetime(2026, 11, 28, 13, 44, 14, 123000, tzinfo=UTC),
+        task=NZ_SUCCESS,
+        previous={"status": "IN_PROGRESS", "progress": "45%"},
+    )
+    body = event.cloudevent()
+    assert body["source"] == "bridge/mj"
+    assert body["time"] == "2026-11-28T13:44:14.123Z"
+    assert body["data"]["task"] == NZ_SUCCESS
+    assert Event.from_cloudevent(body) == event
+
+
+def test_event_ids_are_deterministic_and_distinct() -> None:
+    assert event_id("mj", "1", "task.progress", "45%") == event_id(
+        "mj", "1", "task.progress", "45%"
+    )
+    assert event_id("mj", "1", "task.progress", "45%") != event_id(
+        "mj", "1", "task.progress", "60%"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("mailtos://user:hunter2@smtp.example.com?to=a@b.c", "hunter2"),
+        ("https://discord.com/api/webhooks/123/abcSECRETtoken", "abcSECRETtoken"),
+        ("slack://T000/B000/XXXXsecretXXXX/#chan", "XXXXsecretXXXX"),
+        ("http://x/hooks/mj?token=pushTOKEN1", "pushTOKEN1"),
+        ("Authorization: Bearer sk-abcdef123", "sk-abcdef123"),
+    ],
+    ids=["userinfo", "discord", "slack", "query", "bearer"],
+)
+def test_redact_hides_credentials(text: str, hidden: str) -> None:
+    assert hidden not in redact(text)
+
+
+def test_redactor_hides_configured_values() -> None:
+    assert "k3y-value" not in Redactor(["k3y-value"])("api key k3y-value rejected")
