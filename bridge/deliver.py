@@ -194,7 +194,13 @@ class Deliverer:
 
             def launch() -> None:
                 while waiting and len(lane.active) < concurrency and not self._stopping:
-                    task = tg.create_task(self._deliver(lane, waiting.popleft()))
+                    send = self._deliver(lane, waiting[0])
+                    try:
+                        task = tg.create_task(send)
+                    except RuntimeError:  # the group is shutting down after an error
+                        send.close()
+                        return
+                    waiting.popleft()
                     lane.active.add(task)
                     task.add_done_callback(finished)
 
