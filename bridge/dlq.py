@@ -1,20 +1,26 @@
-"""Dead letters and test sends for the CLI: `bridge dlq list` prints `format_dead_letters`,
-`bridge send-test TARGET` calls `send_test`. The argument parsing lives in cli.py.
+"""Dead letters and test sends for the CLI: `bridge dlq list|replay` (`dlq_command`) and
+`bridge send-test TARGET` (`send_test_command`). The argument parsing lives in cli.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 
-from bridge.config import TargetConfig
-from bridge.errors import DeliveryError, redact
+from bridge.config import Config, TargetConfig
+from bridge.errors import DeliveryError, Redactor, redact
 from bridge.models import Event, event_id
-from bridge.store import OutboxItem
+from bridge.store import OutboxItem, Store
 from bridge.targets import build_target
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LIST_LIMIT = 1000
 
 _COLUMNS = ("ID", "TARGET", "EVENT", "SUBJECT", "ATTEMPTS", "LAST ERROR")
 _ERROR_WIDTH = 80
@@ -93,3 +99,52 @@ async def send_test(name: str, config: TargetConfig, session: aiohttp.ClientSess
     await target.send(item)
     elapsed = time.monotonic() - started
     return f"{name}: accepted the test notification in {elapsed * 1000:.0f} ms (id {item.event.id})"
+
+
+async def send_test_command(config: Config, target: str) -> int:
+    """`bridge send-test TARGET`: the outcome on stdout (exit 0) or stderr (exit 1)."""
+    if target not in config.targets:
+        known = ", ".join(sorted(config.targets)) or "none"
+        print(f"bridge: no target named {target!r} (configured: {known})", file=sys.stderr)
+        return EXIT_USAGE
+    redactor = Redactor(config.secrets())
+    async with aiohttp.ClientSession() as session:
+        try:
+            print(redactor(await send_test(target, config.targets[target], session)))
+        except DeliveryError as exc:
+            verdict = (
+                "the bridge would retry this"
+                if exc.retryable
+                else "the bridge would not retry this; check the target's settings"
+            )
+            print(f"{redactor(str(exc))}\n({verdict})", file=sys.stderr)
+            return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool) -> int:
+    """`bridge dlq list` and `bridge dlq replay ID... | --all`."""
+    if not await asyncio.to_thread(Path(db).exists):
+        print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
+        return EXIT_USAGE
+    if action == "replay" and bool(ids) == replay_all:
+        print("bridge: dlq replay takes dead letter IDs or --all, not both", file=sys.stderr)
+        return EXIT_USAGE
+    async with await Store.open(db) as store:
+        if action == "list":
+            dead = await store.dead_letters(LIST_LIMIT)
+            print(format_dead_letters(dead))
+            if len(dead) == LIST_LIMIT:
+                print(f"(showing the latest {LIST_LIMIT})")
+            return EXIT_OK
+        if replay_all:
+            count = await store.replay(None)
+            print(f"replayed {count} dead letter{'s' if count != 1 else ''}")
+            return EXIT_OK
+        missing = [i for i in ids if not await store.replay([i])]
+        replayed = len(ids) - len(missing)
+        print(f"replayed {replayed} dead letter{'s' if replayed != 1 else ''}")
+        if missing:
+            print(f"bridge: not dead letters: {', '.join(missing)}", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK

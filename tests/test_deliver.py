@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.config import AppriseTargetConfig, TargetConfig, WebhookTargetConfig
+from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer, TokenBucket, backoff, units
-from bridge.dlq import format_dead_letters, send_test
+from bridge.dlq import dlq_command, format_dead_letters, send_test, send_test_command
 from bridge.errors import DeliveryError, Redactor
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target
@@ -347,3 +347,46 @@ async def test_send_test_reports_the_outcome(session: aiohttp.ClientSession, rx:
     config = AppriseTargetConfig(url=f"json://127.0.0.1:{rx.port}/n")
     assert (await send_test("chat", config, session)).startswith("chat: accepted")
     assert (await rx.wait_for(3))[-1].json()["title"] == "mj-bridge test notification"
+
+
+async def test_dlq_command_lists_and_replays(
+    tmp_path: Path, session: aiohttp.ClientSession, rx: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "b.db")
+    assert await dlq_command(db, "list", [], False) == 2  # no database there: say so
+    async with await Store.open(db) as store:
+        await commit(store, 1, 2)
+        for item in await store.claim("hook", time.time(), 10):
+            await store.mark_dead(item.id, "hook: HTTP 410")
+    capsys.readouterr()
+
+    assert await dlq_command(db, "list", [], False) == 0
+    listing = capsys.readouterr().out
+    assert "HTTP 410" in listing
+    assert "2 dead letters" in listing
+    first = listing.splitlines()[1].split()[0]
+
+    assert await dlq_command(db, "replay", [], False) == 2
+    assert await dlq_command(db, "replay", [first], True) == 2
+    assert await dlq_command(db, "replay", [first, "nope"], False) == 1
+    assert "not dead letters: nope" in capsys.readouterr().err
+    assert await dlq_command(db, "replay", [], True) == 0
+    assert "replayed 1 dead letter" in capsys.readouterr().out
+    assert await dlq_command(db, "list", [], False) == 0
+    assert "no dead letters" in capsys.readouterr().out
+
+
+async def test_send_test_command(rx: Receiver, capsys: pytest.CaptureFixture[str]) -> None:
+    config = Config.model_validate(
+        {"targets": {"hook": {"webhook": rx.url + "/hook", "secret": "topsecret-value"}}}
+    )
+    assert await send_test_command(config, "hook") == 0
+    assert "hook: accepted" in capsys.readouterr().out
+    assert await send_test_command(config, "nope") == 2
+    assert "configured: hook" in capsys.readouterr().err
+    rx.respond(Reply(403, "key topsecret-value refused"))
+    assert await send_test_command(config, "hook") == 1
+    err = capsys.readouterr().err
+    assert "HTTP 403" in err
+    assert "would not retry" in err
+    assert "topsecret-value" not in err
