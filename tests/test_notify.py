@@ -4,6 +4,7 @@ that failures become DeliveryErrors with apprise's reason and no secrets."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -236,3 +237,26 @@ async def test_mailto_unreachable_is_retryable_and_redacted() -> None:
         await apprise_target(url, timeout="2s").send(item())
     assert info.value.retryable
     assert "s3cret-pw" not in str(info.value)
+
+
+async def test_through_the_deliverer_with_retries(rx: Receiver, tmp_path: Any) -> None:
+    from bridge.deliver import Deliverer
+    from bridge.store import Store
+    from tests.receiver import make_delivery
+
+    config = AppriseTargetConfig(url=f"json://127.0.0.1:{rx.port}/notify", concurrency=3)
+    rx.respond(500)
+    events = [make_event(n) for n in range(6)]
+    async with await Store.open(str(tmp_path / "b.db")) as store:
+        await store.commit("mj", {}, events, [make_delivery(e, "chat") for e in events])
+        deliverer = Deliverer(
+            store, {"chat": AppriseTarget("chat", config)}, {"chat": config}, backoff_base=0.01
+        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(deliverer.run())
+            await rx.wait_for(7)
+            await deliverer.drain(2.0)
+        assert await store.outbox_depth() == {}
+    titles = sorted(r.json()["title"] for r in rx.requests)
+    assert len(set(titles)) == 6
+    assert deliverer.counts[("chat", "retry")] == 1
