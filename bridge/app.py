@@ -53,6 +53,7 @@ class Bridge:
     on_event: list[Callable[[Event], None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     running: Running | None = None
+    server_url: str | None = None  # set by bridge.server while it listens
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -87,8 +88,13 @@ class Bridge:
     ) -> None:
         targets = {name: build_target(name, cfg, session) for name, cfg in config.targets.items()}
         deliverer = Deliverer(store, targets, config.targets)
-        pipeline = Pipeline(store, Router(config), deliverer.wake, list(self.on_event))
-        watchers = {s.name: Watcher(s, PollingSource(s, session), pipeline) for s in config.sources}
+        pipeline = Pipeline(
+            store, Router(config), deliverer.wake, [self.metrics.event, *self.on_event]
+        )
+        watchers = {
+            s.name: Watcher(s, PollingSource(s, session), pipeline, metrics=self.metrics)
+            for s in config.sources
+        }
         self.running = Running(config, store, pipeline, watchers, deliverer)
         log.info(
             "running: sources %s; targets %s; rules %s; listen %s",

@@ -118,10 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Dead letters are deliveries that failed for good (max_attempts, max_age or a "
         "permanent error). List them, or replay them into the outbox.",
     )
-    db_arg(p)
     dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    dlq.add_parser("list", help="a table of dead letters")
+    listing = dlq.add_parser("list", help="a table of dead letters")
+    listing.set_defaults(ids=[], all=False)
+    db_arg(listing)
     replay = dlq.add_parser("replay", help="put dead letters back in the outbox")
+    db_arg(replay)
     replay.add_argument("ids", nargs="*", metavar="ID")
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     return parser

@@ -45,12 +45,11 @@ _CSRF_TOKEN = secrets.token_urlsafe(32)
 _WEB = Path(__file__).parent / "web"
 _BRIDGE_KEY: web.AppKey[Bridge] = web.AppKey("bridge")
 _REPORTED_KEY: web.AppKey[Counter[tuple[str, str]]] = web.AppKey("reported")
-_urls: dict[int, str] = {}  # id(bridge) -> the URL its server is bound to
 
 
 def server_url(bridge: Bridge) -> str | None:
-    """The base URL (`http://host:port`) the bridge's server is bound to, while it serves."""
-    return _urls.get(id(bridge))
+    """Where the bridge's server listens ("http://127.0.0.1:PORT"), while it does."""
+    return bridge.server_url
 
 
 # -- listening ------------------------------------------------------------------------------------
@@ -88,8 +87,6 @@ async def serve(bridge: Bridge, listen: str) -> AsyncIterator[web.AppRunner]:
     """Serve `build_app(bridge)` on `listen` until the block exits; `server_url(bridge)` says
     where (port 0 picks a free port)."""
     host, port = parse_listen(listen)
-    if bridge.running is not None:
-        _attach_metrics(bridge, bridge.running)
     runner = web.AppRunner(
         build_app(bridge),
         access_log_class=_AccessLogger,
@@ -104,22 +101,12 @@ async def serve(bridge: Bridge, listen: str) -> AsyncIterator[web.AppRunner]:
         shown = host or "127.0.0.1"
         shown = f"[{shown}]" if ":" in shown else shown
         url = f"http://{shown}:{bound[1]}"
-        _urls[id(bridge)] = url
+        bridge.server_url = url
         log.info("serving on %s (status page, /healthz, /readyz, /metrics, /hooks/SOURCE)", url)
         yield runner
     finally:
-        _urls.pop(id(bridge), None)
+        bridge.server_url = None
         await runner.cleanup()
-
-
-def _attach_metrics(bridge: Bridge, running: Running) -> None:
-    """Make sure the stages report into `bridge.metrics`: events as they are committed, polls as
-    they finish. Idempotent, so wiring done in app.py as well never counts twice."""
-    if bridge.metrics.event not in running.pipeline.on_event:
-        running.pipeline.on_event.append(bridge.metrics.event)
-    for watcher in running.watchers.values():
-        if watcher.metrics is None:
-            watcher.metrics = bridge.metrics
 
 
 def build_app(bridge: Bridge) -> web.Application:
