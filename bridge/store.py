@@ -69,6 +69,15 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_due ON outbox (target, state, next_at);
     CREATE INDEX outbox_state ON outbox (state, updated_at);
     """,
+    """
+    CREATE TABLE messages (
+        target TEXT NOT NULL,
+        key TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (target, key)
+    ) WITHOUT ROWID;
+    """,
 )
 
 _CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
@@ -445,6 +454,24 @@ class Store:
         """Dead letters per target (metrics)."""
         sql = "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
         return {r[0]: r[1] for r in await self._fetch(sql)}
+
+    # -- message references -----------------------------------------------------------------
+
+    async def get_message(self, target: str, key: str) -> str | None:
+        """The reference a target kept for `key` (e.g. "source:task_id"): the chat message to
+        edit for that task. None when it has none yet."""
+        sql = "SELECT ref FROM messages WHERE target = ? AND key = ?"
+        rows = await self._fetch(sql, (target, key))
+        return str(rows[0][0]) if rows else None
+
+    async def put_message(self, target: str, key: str, ref: str) -> None:
+        """Remember (or replace) the reference a target keeps for `key`."""
+        await self._fetch(
+            "INSERT INTO messages (target, key, ref, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (target, key) DO UPDATE SET ref = excluded.ref, "
+            "updated_at = excluded.updated_at",
+            (target, key, ref, time.time()),
+        )
 
     async def next_due(self, target: str) -> float | None:
         sql = "SELECT MIN(next_at) FROM outbox WHERE target = ? AND state = 'pending'"

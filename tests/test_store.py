@@ -183,3 +183,26 @@ async def test_a_failed_commit_leaves_nothing_behind(store: Store) -> None:
 async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await Store.open(str(tmp_path / "missing-dir" / "b.db"))
+
+
+async def test_message_references_are_upserted_per_target_and_key(store: Store) -> None:
+    assert await store.get_message("discord", "mj:1") is None
+    await store.put_message("discord", "mj:1", "msg-1")
+    await store.put_message("slack", "mj:1", "ts-1")
+    assert await store.get_message("discord", "mj:1") == "msg-1"
+    await store.put_message("discord", "mj:1", "msg-2")
+    assert await store.get_message("discord", "mj:1") == "msg-2"
+    assert await store.get_message("slack", "mj:1") == "ts-1"
+    assert await store.get_message("slack", "mj:2") is None
+
+
+async def test_an_older_database_gains_the_messages_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with await Store.open(str(path)):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE messages")
+        db.execute("PRAGMA user_version = 1")
+    async with await Store.open(str(path)) as store:
+        await store.put_message("discord", "mj:1", "m")
+        assert await store.get_message("discord", "mj:1") == "m"
