@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import sys
 import tempfile
@@ -84,7 +85,8 @@ class Receiver:
 
 def _describe(event: Event) -> str:
     task = event.task or {}
-    prompt = str(task.get("prompt") or "")[:40]
+    prompt = str(task.get("prompt") or "")
+    prompt = prompt if len(prompt) <= 36 else prompt[:35] + "…"
     detail = {
         "task.progress": f"{task.get('progress')}",
         "task.failed": f"{task.get('failReason')}",
@@ -101,9 +103,14 @@ async def demo(seconds: float = 60.0, show: Callable[[str], None] = print) -> in
     with tempfile.TemporaryDirectory(prefix="mj-bridge-demo-") as tmp:
         await sim.start()
         await receiver.start()
+        # The demo prints each event and delivery; the service's INFO lines would repeat them.
+        quiet = logging.getLogger("bridge")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
         try:
             return await _play(sim, receiver, secret, Path(tmp) / "demo.db", seconds, show)
         finally:
+            quiet.setLevel(level)
             await receiver.stop()
             await sim.stop()
 
