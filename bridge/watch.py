@@ -1,6 +1,7 @@
 """The driver between the source and the outbox: per source, the task states, a poll loop paced by
-`poll_interval`, and `apply()`, which both polls and push callbacks go through:
-snapshot -> diff -> rules -> one store transaction -> wake the deliverer.
+`poll_interval`, and `apply()`, which polls, push callbacks and tracked ids all go through:
+snapshot -> diff -> (seed enrichment) -> rules -> one store transaction -> wake the deliverer
+-> (upstream actions of rules: cancel).
 """
 
 from __future__ import annotations
@@ -8,18 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot, TaskState, diff
 from bridge.errors import SourceError
 from bridge.metrics import Metrics
-from bridge.models import Event
+from bridge.models import Event, EventType, iso
 from bridge.rules import Router
 from bridge.sources.health import SourceHealth
+from bridge.sources.modes import Reader
 from bridge.sources.poll import PollingSource
+from bridge.sources.probe import choose_reader
 from bridge.store import Store
 
 log = logging.getLogger("bridge.watch")
@@ -66,6 +70,8 @@ class SourceStatus:
     tracked: int = 0
     unfinished: int = 0
     polls: int = 0
+    mode: str = ""  # the way of reading chosen (list | active | ids); "" until probed
+    mode_reason: str = ""
 
 
 class Watcher:
@@ -89,50 +95,108 @@ class Watcher:
         self.health = SourceHealth(config.name)
         self.status = SourceStatus(config.name)
         self.states: dict[str, TaskState] = {}
+        self.reader: Reader | None = None
         self._seen = False
         self._lock = asyncio.Lock()
         self._loaded = False
+        self._fresh: set[str] = set()  # tracked ids never seen upstream yet
+        self._cancels: dict[
+            str, dict[str, Any]
+        ] = {}  # task id -> the cancel its next event carries
 
     async def load(self) -> None:
         if not self._loaded:
             self.states = await self.pipeline.store.load_tasks(self.config.name)
             self._seen = await self.pipeline.store.source_seen(self.config.name)
+            self._fresh = {tid for tid, st in self.states.items() if _placeholder(st)}
             self._loaded = True
             self._count()
+
+    async def track(self, ids: Iterable[str]) -> list[str]:
+        """Follow these task ids from now on (pass-through submits, POST /track, `bridge track`).
+        Returns the ids that were new. Their first sighting emits as a first sighting does."""
+        await self.load()
+        async with self._lock:
+            now = self.clock()
+            new = {tid: TaskState("", -1, now) for tid in dict.fromkeys(ids) if tid}
+            new = {tid: st for tid, st in new.items() if tid not in self.states}
+            if new:
+                await self.pipeline.publish(self.config.name, new, [], now=now, seen=self._seen)
+                self.states.update(new)
+                self._fresh.update(new)
+                self._count()
+                log.info("%s: tracking %d new task id(s)", self.config.name, len(new))
+            return list(new)
 
     def unfinished(self) -> list[str]:
         return [tid for tid, st in self.states.items() if not st.finished]
 
     async def apply(self, snapshot: Snapshot, extra: Sequence[Event] = ()) -> list[Event]:
-        """Diff one snapshot against the states and commit states, events and deliveries."""
+        """Diff one snapshot against the states and commit states, events and deliveries; then
+        carry out what rules ask of the upstream (cancel)."""
         await self.load()
         async with self._lock:
-            now = self.clock()
-            silent = not self._seen and not self.config.backfill and snapshot.complete
-            result = diff(
+            new = await self._apply(snapshot, extra)
+        if new:
+            await self._act(new)
+        return new
+
+    async def _apply(self, snapshot: Snapshot, extra: Sequence[Event]) -> list[Event]:
+        now = self.clock()
+        silent = not self._seen and not self.config.backfill and snapshot.complete
+        previous: Mapping[str, TaskState] = self.states
+        if self._fresh:
+            # A tracked id seen for the first time is new to the diff, so it emits its state.
+            sighted = self._fresh.intersection(task["id"] for task in snapshot.tasks)
+            if sighted:
+                previous = _Hiding(self.states, sighted)
+                self._fresh -= sighted
+        result = diff(
+            self.config.name,
+            previous,
+            snapshot,
+            now=now,
+            stall_after=self.config.stall_after,
+            silent=silent,
+        )
+        events = [*extra, *result.events]
+        if not result.changed and not events and self._seen:
+            return []
+        self._finish(events)
+        if "seed" in self.config.enrich:
+            await self._seeds(events)
+        new = await self.pipeline.publish(
+            self.config.name, result.changed, events, now=now, seen=True
+        )
+        self.states.update(result.changed)
+        if self._fresh:
+            self._fresh -= {tid for tid, st in result.changed.items() if st.finished}
+        if silent and result.changed:
+            log.info(
+                "%s: first contact, recorded %d tasks without events (backfill: false)",
                 self.config.name,
-                self.states,
-                snapshot,
-                now=now,
-                stall_after=self.config.stall_after,
-                silent=silent,
+                len(result.changed),
             )
-            events = [*extra, *result.events]
-            if not result.changed and not events and self._seen:
-                return []
-            new = await self.pipeline.publish(
-                self.config.name, result.changed, events, now=now, seen=True
-            )
-            self.states.update(result.changed)
-            if silent and result.changed:
-                log.info(
-                    "%s: first contact, recorded %d tasks without events (backfill: false)",
-                    self.config.name,
-                    len(result.changed),
-                )
-            self._seen = True
-            self._count()
-            return new
+        self._seen = True
+        self._count()
+        return new
+
+    def _finish(self, events: list[Event]) -> None:
+        """Last touches on the events of one change: the bridge's own push token never leaves in
+        a task's notifyHook, and a cancel the bridge asked for rides on the task's next event."""
+        token = self.config.push_token
+        for event in events:
+            task = event.task
+            if token and task is not None:
+                props = task.get("properties")
+                if isinstance(props, dict):
+                    hook = props.get("notifyHook")
+                    if isinstance(hook, str) and token in hook:
+                        task["properties"] = {**props, "notifyHook": hook.replace(token, "***")}
+            if self._cancels and event.type != EventType.STALLED:
+                cancel = self._cancels.pop(event.subject, None)
+                if cancel is not None:
+                    event.data["cancel"] = cancel
 
     async def push(self, tasks: list[dict[str, Any]]) -> list[Event]:
         """A push callback: a partial snapshot, diffed like a poll."""
@@ -144,7 +208,8 @@ class Watcher:
         now = self.clock()
         started = time.perf_counter()
         try:
-            snapshot = await self.source.poll(self.unfinished())
+            reader = await self._reader()
+            snapshot = await reader.read(self.unfinished(), self.states, now)
         except SourceError as exc:
             if self.metrics is not None:
                 self.metrics.poll(self.config.name, time.perf_counter() - started, False)
@@ -157,6 +222,7 @@ class Watcher:
             if down is None:
                 return []
             log.error("%s: source down after %d failed polls (%s)", *self._outage())
+            self.reader = None  # probe again once it answers: it may be another server now
             async with self._lock:
                 return await self.pipeline.publish(self.config.name, {}, [down], now=now)
         if self.metrics is not None:
@@ -176,9 +242,137 @@ class Watcher:
             wait = self.health.backoff(interval)
             await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 
+    async def _reader(self) -> Reader:
+        if self.reader is None:
+            reader, why = await choose_reader(self.config, self.source)
+            log.info(
+                "%s: reading in %s mode: %s (%s)", self.config.name, reader.mode, reader.how, why
+            )
+            self.reader = reader
+            self.status.mode = reader.mode
+            self.status.mode_reason = why
+        return self.reader
+
+    async def _seeds(self, events: list[Event]) -> None:
+        """enrich: [seed]: the seed of each newly succeeded task, asked once. A failure is logged
+        and the event goes without it."""
+        wanted = [
+            e
+            for e in events
+            if e.type == EventType.SUCCEEDED and e.task is not None and not e.task.get("seed")
+        ]
+        if not wanted:
+            return
+        if len(wanted) > SEED_LIMIT:
+            log.info(
+                "%s: %d tasks succeeded at once (a backfill?): seeds asked for the newest %d only",
+                self.config.name,
+                len(wanted),
+                SEED_LIMIT,
+            )
+            wanted = wanted[-SEED_LIMIT:]
+        gate = asyncio.Semaphore(SEED_CONCURRENCY)
+
+        async def one(event: Event) -> None:
+            assert event.task is not None
+            async with gate:
+                try:
+                    seed = await self.source.image_seed(event.subject)
+                except SourceError as exc:
+                    log.warning(
+                        "%s: no seed for task %s (%s): %s",
+                        self.config.name,
+                        event.subject,
+                        exc.reason,
+                        exc,
+                    )
+                    return
+            if seed is None:
+                log.info(
+                    "%s: the upstream has no seed for task %s", self.config.name, event.subject
+                )
+            else:
+                event.task["seed"] = seed
+
+        await asyncio.gather(*(one(e) for e in wanted))
+
+    async def _act(self, events: Sequence[Event]) -> None:
+        """Rules with `cancel: true` on task.stalled: POST /mj/task/{id}/cancel once per stall;
+        what happened rides on the task's next event as data.cancel."""
+        for event in events:
+            if event.type != EventType.STALLED:
+                continue
+            rules = cancel_rules(self.pipeline.router, event)
+            if not rules:
+                continue
+            requested = self.clock()
+            try:
+                ok, answer = await self.source.cancel(event.subject)
+            except SourceError as exc:
+                ok, answer = False, f"{exc.reason}: {exc}"
+            log.log(
+                logging.INFO if ok else logging.WARNING,
+                "%s: cancel of stalled task %s (rule %s): %s",
+                self.config.name,
+                event.subject,
+                ", ".join(rules),
+                "accepted" if ok else f"refused: {answer}",
+            )
+            self._cancels[event.subject] = {
+                "requested_at": iso(datetime.fromtimestamp(requested, UTC)),
+                "rule": rules[0],
+                "ok": ok,
+                "answer": answer,
+            }
+
     def _outage(self) -> tuple[str, int, str | None]:
         return self.config.name, self.health.failures, self.health.reason
 
     def _count(self) -> None:
         self.status.tracked = len(self.states)
         self.status.unfinished = sum(1 for st in self.states.values() if not st.finished)
+
+
+SEED_LIMIT = 200  # seeds asked per change at most (a backfill of 100k successes asks none beyond)
+SEED_CONCURRENCY = 8
+
+
+def cancel_rules(router: Router, event: Event) -> list[str]:
+    """The names of the rules with `cancel: true` that match `event` (stop honoured)."""
+    method = getattr(router, "cancels", None)
+    if callable(method):
+        return list(method(event))
+    # Router has no public list of its rules' configs yet; its compiled rules carry them.
+    names = {rule.name for rule in getattr(router, "_rules", ()) if rule.config.cancel}
+    if not names:
+        return []
+    return [m.rule for m in router.explain(event) if m.matched and m.rule in names]
+
+
+def _placeholder(state: TaskState) -> bool:
+    """A tracked id the upstream has not shown yet (see Watcher.track)."""
+    return state.status == "" and state.progress == -1 and not state.finished
+
+
+class _Hiding(Mapping[str, TaskState]):
+    """The states with some ids hidden: the diff sees those tasks as new."""
+
+    __slots__ = ("_hidden", "_states")
+
+    def __init__(self, states: Mapping[str, TaskState], hidden: set[str]) -> None:
+        self._states = states
+        self._hidden = hidden
+
+    def __getitem__(self, key: str) -> TaskState:
+        if key in self._hidden:
+            raise KeyError(key)
+        return self._states[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return default if key in self._hidden else self._states.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._states if k not in self._hidden)
+
+    def __len__(self) -> int:
+        return len(self._states) - len(self._hidden)

@@ -1,16 +1,18 @@
-"""Polling: one read of an upstream's task API -> a Snapshot for the diff.
+"""Polling: the upstream's Task Inquiry API, one method per endpoint, and `poll()` (list mode).
 Pipeline: **source** -> snapshot -> diff -> events. Faults become SourceError(reason, message).
+The other ways of reading (active, ids) combine these calls in modes.py.
 
-A poll is GET {base_url}/mj/task/list, then POST /mj/task/list-by-condition for every tracked
-unfinished task the list did not contain (capped lists such as trueai's 100 newest), in batches of
-at most 100 ids. What that lookup does not find goes to `Snapshot.missing`; the diff decides when
-it has vanished. Nothing is concluded from a failed request: the whole poll fails instead.
+A list-mode poll is GET {base_url}/mj/task/list, then POST /mj/task/list-by-condition for every
+tracked unfinished task the list did not contain (capped lists such as trueai's 100 newest), in
+batches of at most 100 ids. What that lookup does not find goes to `Snapshot.missing`; the diff
+decides when it has vanished. Nothing is concluded from a failed request: the poll fails instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -18,13 +20,15 @@ import orjson
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot
 from bridge.errors import Redactor, SourceError
-from bridge.sources.normalize import Normalized, parse_tasks
+from bridge.sources.normalize import Normalized, normalize_task, normalize_tasks, parse_tasks
 
-__all__ = ["BATCH", "PollingSource"]
+__all__ = ["BATCH", "PollingSource", "auth_headers"]
 
 BATCH = 100  # ids per list-by-condition call (trueai and new-api read them from a DB in one query)
 _LIST = "/mj/task/list"
 _BY_IDS = "/mj/task/list-by-condition"
+_QUEUE = "/mj/task/queue"
+_QUERY = "/mj/task/query"
 
 
 def auth_headers(auth: str, api_key: str | None) -> dict[str, str]:
@@ -53,6 +57,11 @@ class PollingSource:
         self._redact = Redactor([config.api_key] if config.api_key else [])
         self.dropped = 0  # tasks without a usable id seen in the last poll (for logs/metrics)
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared session (the pass-through forwards client requests through it)."""
+        return self._session
+
     async def poll(self, tracked_unfinished: Collection[str] = ()) -> Snapshot:
         """The whole list plus lookups of the tracked unfinished tasks it did not contain."""
         listed = await self._request("GET", _LIST)
@@ -69,6 +78,10 @@ class PollingSource:
                 missing = frozenset(absent) - {task["id"] for task in found}
         self.dropped = dropped
         return Snapshot(tasks, missing)
+
+    async def check_lookup(self) -> None:
+        """An empty list-by-condition: proves the endpoint answers when nothing is tracked."""
+        await self._request("POST", _BY_IDS, {"ids": []})
 
     async def fetch_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
         """The tasks with these ids (unknown ids are simply not in the result)."""
@@ -87,18 +100,136 @@ class PollingSource:
             dropped += len(result.dropped)
         return found, dropped
 
+    async def list_tasks(self) -> Normalized:
+        """GET /mj/task/list: every task the server lists (trueai: the newest 100)."""
+        return await self._request("GET", _LIST)
+
+    async def queue(self) -> Normalized:
+        """GET /mj/task/queue: the waiting and running tasks (midjourney-proxy)."""
+        return await self._request("GET", _QUEUE)
+
+    async def query(
+        self, statuses: Sequence[str] | None, page: int = 0, size: int = 100
+    ) -> tuple[Normalized, bool]:
+        """POST /mj/task/query (plus): one page, newest first, optionally only `statuses`.
+        Returns the page's tasks and whether it was the last page."""
+        body: dict[str, Any] = {"pageNumber": page, "pageSize": size, "sort": "id,desc"}
+        if statuses:
+            body["statusSet"] = list(statuses)
+        where, data = await self._object("POST", _QUERY, body)
+        content = data.get("content")
+        if not isinstance(content, list):
+            raise SourceError("bad_payload", f"{where}: expected a Spring page with content[]")
+        try:
+            normalized = normalize_tasks(content)
+        except SourceError as exc:  # pragma: no cover - normalize_tasks drops, never raises
+            raise SourceError(exc.reason, f"{where}: {exc}") from exc
+        last = data.get("last")
+        return normalized, bool(last) if isinstance(last, bool) else len(content) < size
+
+    async def lookup(self, ids: Collection[str]) -> tuple[list[dict[str, Any]], frozenset[str]]:
+        """The tasks with these ids through list-by-condition, and the ids it did not find."""
+        wanted = list(dict.fromkeys(ids))
+        found, dropped = await self._lookup(wanted)
+        self.dropped += dropped
+        return found, frozenset(wanted) - {task["id"] for task in found}
+
+    async def fetch(self, task_id: str) -> dict[str, Any] | None:
+        """GET /mj/task/{id}/fetch; None when the server does not know the id (midjourney-proxy:
+        200 with an empty body, trueai: 204, new-api: 400 with code 4)."""
+        path = f"/mj/task/{quote(task_id, safe='')}/fetch"
+        where, status, content_type, payload = await self._send("GET", path, None, strict=False)
+        if status == 204 or (status < 300 and not payload.strip()):
+            return None
+        if status == 400 and _code(payload) in (3, 4):
+            return None
+        _check_status(status, where)
+        _refuse_html(where, content_type, payload)
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError("bad_payload", f"{where}: the task is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise SourceError("bad_payload", f"{where}: expected a task object")
+        try:
+            return normalize_task(data)
+        except ValueError as exc:
+            raise SourceError("bad_payload", f"{where}: {exc}") from exc
+
+    async def cancel(self, task_id: str) -> tuple[bool, Any]:
+        """POST /mj/task/{id}/cancel. Returns (accepted, what the server answered); never raises
+        for an answer, only for transport failures (SourceError)."""
+        path = f"/mj/task/{quote(task_id, safe='')}/cancel"
+        _, status, content_type, payload = await self._send("POST", path, b"{}", strict=False)
+        answer: Any
+        if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
+            return False, f"HTTP {status}: no cancel endpoint here (the server answered HTML)"
+        try:
+            answer = orjson.loads(payload) if payload.strip() else None
+        except orjson.JSONDecodeError:
+            answer = payload[:200].decode("utf-8", "replace")
+        if status >= 300:
+            return False, {"http": status, "body": answer}
+        code = answer.get("code") if isinstance(answer, dict) else None
+        # trueai answers 200 with an empty body; plus {code: 1}; other codes are refusals.
+        return code in (None, 1), answer if answer is not None else {"http": status}
+
+    async def image_seed(self, task_id: str) -> str | None:
+        """GET /mj/task/{id}/image-seed: the seed, or None when the server has none for the task.
+        SourceError on transport failures and answers that are not the seed API."""
+        path = f"/mj/task/{quote(task_id, safe='')}/image-seed"
+        where, status, content_type, payload = await self._send("GET", path, None, strict=False)
+        if status in (400, 404) and _code(payload) is not None:
+            return None
+        _check_status(status, where)
+        _refuse_html(where, content_type, payload)
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise SourceError("bad_payload", f"{where}: expected {{code, description, result}}")
+        result = data.get("result")
+        if data.get("code") != 1 or result in (None, ""):
+            return None
+        return str(result)
+
+    async def _object(self, method: str, path: str, body: Any) -> tuple[str, dict[str, Any]]:
+        where, _, content_type, payload = await self._send(method, path, orjson.dumps(body))
+        _refuse_html(where, content_type, payload)
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise SourceError("bad_payload", f"{where}: expected a JSON object")
+        return where, data
+
     async def _request(self, method: str, path: str, body: Any = None) -> Normalized:
+        data = None if body is None else orjson.dumps(body)
+        where, _, content_type, payload = await self._send(method, path, data)
+        _refuse_html(where, content_type, payload)
+        try:
+            return parse_tasks(payload)
+        except SourceError as exc:
+            raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
+
+    async def _send(
+        self, method: str, path: str, data: bytes | None, *, strict: bool = True
+    ) -> tuple[str, int, str, bytes]:
+        """One request: (where, HTTP status, content type, body). Transport failures, and with
+        `strict` every HTTP status >= 300, become SourceError."""
         url = self.config.base_url + path
         where = f"{method} {self._redact(url)}"
-        data = None if body is None else orjson.dumps(body)
         headers = self._headers if data is None else {**self._headers, "Content-Type": _JSON}
         try:
             async with self._session.request(
                 method, url, data=data, headers=headers, timeout=self._timeout
             ) as response:
-                _check_status(response.status, where)
+                if strict:
+                    _check_status(response.status, where)
                 payload = await response.read()
-                content_type = response.content_type
+                return where, response.status, response.content_type, payload
         except SourceError:
             raise
         except TimeoutError as exc:
@@ -115,17 +246,25 @@ class PollingSource:
             raise SourceError(
                 "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
             ) from exc
-        if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
-            raise SourceError(
-                "not_a_task_api",
-                f"{where} answered text/html, not a JSON task list: this URL is not a "
-                f"midjourney-proxy task API (new-api relays do not serve {_LIST}; point base_url "
-                "at the midjourney-proxy behind the relay)",
-            )
-        try:
-            return parse_tasks(payload)
-        except SourceError as exc:
-            raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
+
+
+def _refuse_html(where: str, content_type: str, payload: bytes) -> None:
+    if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
+        raise SourceError(
+            "not_a_task_api",
+            f"{where} answered text/html, not a JSON task list: this URL is not a "
+            f"midjourney-proxy task API (new-api relays do not serve {_LIST}; use mode: ids "
+            "or auto, or point base_url at the midjourney-proxy behind the relay)",
+        )
+
+
+def _code(payload: bytes) -> object:
+    """The `code` of a {code, description} answer, or None."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return data.get("code") if isinstance(data, dict) else None
 
 
 _JSON = "application/json"

@@ -1,0 +1,120 @@
+"""The ways of reading one upstream (`mode:` of a source), each turning the Task Inquiry API calls
+of poll.py into one Snapshot per poll. Pipeline: **source** -> snapshot -> diff -> events.
+
+- list: GET /mj/task/list each poll, plus lookups of the tracked unfinished tasks it lacks.
+- active: the full list at start and every `full_every`; in between, new and running tasks from
+  /mj/task/query (unfinished page, then the newest page) or /mj/task/queue, and the tracked
+  unfinished tasks they lack through list-by-condition. The work per poll follows the unfinished
+  tasks, not the stored ones. Snapshots in between are partial (`complete=False`); a task that
+  finished between two polls is still seen because every tracked unfinished id is looked up.
+- ids: only the tasks the bridge knows (pass-through submits, /track, push callbacks), through
+  list-by-condition or, where that is missing, fetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Container
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from bridge.diff import Snapshot
+from bridge.models import UNFINISHED
+from bridge.sources.poll import PollingSource
+
+__all__ = ["ActiveReader", "IdsReader", "ListReader", "Reader"]
+
+QUERY_PAGE = 100  # unfinished tasks per /mj/task/query page
+RECENT_PAGE = 20  # newest tasks per page: catches tasks that started and ended between two polls
+MAX_PAGES = 10  # pages per poll and kind; the next poll continues where this one stopped
+
+
+class Reader(Protocol):
+    mode: str
+    how: str  # one line for logs: which endpoints and why
+
+    async def read(
+        self, tracked: Collection[str], known: Container[str], now: float
+    ) -> Snapshot: ...
+
+
+@dataclass(slots=True)
+class ListReader:
+    source: PollingSource
+    how: str = "GET /mj/task/list each poll"
+    mode: str = "list"
+
+    async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
+        return await self.source.poll(tracked)
+
+
+@dataclass(slots=True)
+class ActiveReader:
+    source: PollingSource
+    discover: Literal["query", "queue", "list"]
+    full_every: float
+    how: str = ""
+    mode: str = "active"
+    has_list: bool = True  # False: no /mj/task/list here, so no full reads
+    last_full: float | None = None
+
+    async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
+        due = self.last_full is None or now - self.last_full >= self.full_every
+        if self.discover == "list" or (self.has_list and due):
+            snapshot = await self.source.poll(tracked)
+            self.last_full = now
+            return snapshot
+        if self.discover == "query":
+            tasks = await self._query(known)
+        else:
+            tasks = (await self.source.queue()).tasks
+        seen = {task["id"] for task in tasks}
+        absent = [tid for tid in tracked if tid not in seen]
+        missing: frozenset[str] = frozenset()
+        if absent:
+            found, missing = await self.source.lookup(absent)
+            tasks = tasks + found
+        return Snapshot(tasks, missing, complete=False)
+
+    async def _query(self, known: Container[str]) -> list[dict[str, Any]]:
+        """Every unfinished task (pages while they are full), then the newest pages until one
+        holds a task the bridge already knows: a task that began and ended between two polls is
+        in the newest page even though it is finished."""
+        tasks: list[dict[str, Any]] = []
+        for page in range(MAX_PAGES):
+            found, last = await self.source.query(UNFINISHED, page, QUERY_PAGE)
+            tasks += found.tasks
+            if last:
+                break
+        for page in range(MAX_PAGES):
+            found, last = await self.source.query(None, page, RECENT_PAGE)
+            tasks += found.tasks
+            if last or any(task["id"] in known for task in found.tasks):
+                break
+        return tasks
+
+
+@dataclass(slots=True)
+class IdsReader:
+    source: PollingSource
+    via: Literal["condition", "fetch"] = "condition"
+    how: str = "POST /mj/task/list-by-condition of the tracked unfinished tasks"
+    mode: str = "ids"
+
+    async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
+        if not tracked:
+            # Nothing to follow: one empty lookup keeps the source's health (and /readyz) honest.
+            if self.via == "condition":
+                await self.source.check_lookup()
+            return Snapshot([], complete=False)
+        if self.via == "condition":
+            found, missing = await self.source.lookup(tracked)
+            return Snapshot(found, missing, complete=False)
+        tasks: list[dict[str, Any]] = []
+        gone: set[str] = set()
+        for tid in tracked:
+            task = await self.source.fetch(tid)
+            if task is None:
+                gone.add(tid)
+            else:
+                tasks.append(task)
+        return Snapshot(tasks, frozenset(gone), complete=False)
