@@ -774,6 +774,21 @@ async def test_unfinished_seeded_tasks_run_to_the_end(
     assert [t["id"] for t in after] == [t["id"] for t in before]
 
 
+async def test_restart_on_the_same_port_keeps_tasks(session: aiohttp.ClientSession) -> None:
+    sim = Simulator(api_key=None)
+    url = await sim.start()
+    task_id = sim.add_task()
+    await sim.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(session, sim, "/mj/task/list", headers={})
+    assert await sim.start(port=int(url.rsplit(":", 1)[1])) == url
+    try:
+        tasks = (await call(session, sim, "/mj/task/list", headers={})).json()
+        assert [t["id"] for t in tasks] == [task_id]
+    finally:
+        await sim.stop()
+
+
 def test_unknown_flavor_is_refused() -> None:
     with pytest.raises(ValueError, match="flavor"):
         Simulator("openai")

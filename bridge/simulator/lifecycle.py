@@ -43,10 +43,10 @@ BOT_USER = "1050702627576483930"
 Step = tuple[Literal["submit", "progress", "success", "failure", "cancel", "stall"], Any]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class SimTask:
-    """One upstream task. Mutated only through `Lifecycle`; `version` rises on every change so
-    rendered bytes can be cached per (task, version)."""
+    """One upstream task. Mutated only through `Lifecycle`, which bumps `version` and clears the
+    rendered-bytes `cache` on every change. Compared by identity."""
 
     id: str
     action: str
