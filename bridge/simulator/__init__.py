@@ -50,8 +50,11 @@ async def serve(port: int, flavor: str, tasks: int, api_key: str | None) -> None
     try:
         header = auth_header(sim.flavor, api_key)
         print(f"simulator ({sim.flavor}) listening on {sim.url}", flush=True)
-        print(f"  auth header: {header}" if header else "  no auth", flush=True)
-        print(f"  try: curl -H '{header}' {sim.url}/mj/task/list" if header else "", flush=True)
+        if header:
+            print(f"  auth header: {header}", flush=True)
+            print(f"  try: curl -H '{header}' {sim.url}/mj/task/list", flush=True)
+        else:
+            print(f"  no auth; try: curl {sim.url}/mj/task/list", flush=True)
         waiting: list[str] = []
         while True:
             for task_id in waiting:
