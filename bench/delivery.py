@@ -1,0 +1,201 @@
+"""Figure: the deliver stage. Events through the durable outbox (Store + Deliverer + signed webhook
+target, a temp SQLite file) to a receiver in another process, against a bare pooled aiohttp client
+and apprise's json:// (sync `notify` and async `async_notify`) posting the same bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import apprise
+import orjson
+
+from bench import Row, fmt_rate, ratio
+from bench.diff import get_bytes
+from bench.receiver import ReceiverProcess
+from bridge.config import Config
+from bridge.deliver import Deliverer
+from bridge.diff import Snapshot, diff
+from bridge.models import Delivery, Event
+from bridge.rules import Router
+from bridge.simulator import Simulator
+from bridge.sources.normalize import parse_tasks
+from bridge.store import Store
+from bridge.targets import build_target
+from bridge.targets.notify import validate_url
+
+CONCURRENCY = 16  # sends in flight, the same for every contender
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # a Standard Webhooks test secret
+
+
+async def make_events(n: int) -> list[Event]:
+    """n events as the bridge makes them: the diff of a simulator's task list seen for the first
+    time (mostly task.succeeded, a realistic CloudEvent of about 2 KB each)."""
+    sim = Simulator("midjourney-proxy", api_key=None)
+    sim.seed_tasks(n)
+    await sim.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = await get_bytes(session, sim.url + "/mj/task/list")
+    finally:
+        await sim.stop()
+    return diff("mj", {}, Snapshot(parse_tasks(body).tasks), now=time.time()).events
+
+
+def config(url: str) -> Config:
+    return Config.model_validate(
+        {
+            "targets": {
+                "rx": {"webhook": url + "/bridge", "secret": SECRET, "concurrency": CONCURRENCY}
+            },
+            "rules": [{"name": "all", "on": ["*"], "to": ["rx"]}],
+        }
+    )
+
+
+async def ours(events: list[Event], url: str, workdir: Path, round_: int) -> float:
+    """Seconds from committing the events (one transaction, as a snapshot's events are) until every
+    delivery is marked sent in the database."""
+    cfg = config(url)
+    deliveries: list[Delivery] = Router(cfg).route(events, time.time())
+    store = await Store.open(str(workdir / f"outbox-{round_}.db"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            targets = {"rx": build_target("rx", cfg.targets["rx"], session)}
+            deliverer = Deliverer(store, targets, cfg.targets)
+            running = asyncio.create_task(deliverer.run())
+            try:
+                start = time.perf_counter()
+                await store.commit("mj", {}, events, deliveries)
+                deliverer.wake()
+                while deliverer.counts[("rx", "sent")] < len(deliveries):
+                    await asyncio.sleep(0.002)
+                    if running.done():
+                        running.result()  # raises what stopped it
+                await deliverer.drain(10.0)  # flushes the last acks
+                elapsed = time.perf_counter() - start
+            finally:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+        depth = await store.outbox_depth()
+        if depth:
+            raise RuntimeError(f"outbox not drained: {depth}")
+    finally:
+        await store.close()
+    return elapsed
+
+
+async def bare(bodies: list[bytes], url: str) -> float:
+    """A pooled aiohttp client posting the same bodies, CONCURRENCY at a time, no persistence."""
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        queue = iter(bodies)
+
+        async def worker() -> None:
+            for body in queue:
+                async with session.post(url + "/bare", data=body, headers=headers) as response:
+                    await response.read()
+                    response.raise_for_status()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return time.perf_counter() - start
+
+
+def _apprise(url: str) -> Any:
+    validate_url("json://localhost")  # loads apprise's plugins once, its import warnings quiet
+    notifier = apprise.Apprise()
+    if not notifier.add(url.replace("http://", "json://") + "/apprise"):
+        raise RuntimeError("apprise refused the json:// URL")
+    return notifier
+
+
+def apprise_sync(bodies: list[str], url: str) -> float:
+    """apprise's `notify`, one call per message, as a script would use it."""
+    notifier = _apprise(url)
+    start = time.perf_counter()
+    for body in bodies:
+        if not notifier.notify(body=body, title="task.succeeded"):
+            raise RuntimeError("apprise json:// failed")
+    return time.perf_counter() - start
+
+
+async def apprise_async(bodies: list[str], url: str) -> float:
+    """apprise's `async_notify`, CONCURRENCY calls in flight."""
+    notifier = _apprise(url)
+    queue = iter(bodies)
+
+    async def worker() -> None:
+        for body in queue:
+            if not await notifier.async_notify(body=body, title="task.succeeded"):
+                raise RuntimeError("apprise json:// failed")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return time.perf_counter() - start
+
+
+async def _measure(events: int, apprise_events: int, rounds: int) -> dict[str, float]:
+    """Rates (messages per second), the median of `rounds` interleaved rounds."""
+    made = await make_events(events)
+    bodies = [orjson.dumps(e.cloudevent()) for e in made]
+    texts = [b.decode() for b in bodies[:apprise_events]]
+    rates: dict[str, list[float]] = {"ours": [], "bare": [], "sync": [], "async": []}
+    with tempfile.TemporaryDirectory(prefix="bench-outbox-") as tmp:
+        async with ReceiverProcess() as rx:
+            expected = 0
+            contenders: list[tuple[str, int, Callable[[int], Awaitable[float]]]] = [
+                ("ours", len(made), lambda r: ours(made, rx.url, Path(tmp), r)),
+                ("bare", len(bodies), lambda r: bare(bodies, rx.url)),
+                ("sync", len(texts), lambda r: asyncio.to_thread(apprise_sync, texts, rx.url)),
+                ("async", len(texts), lambda r: apprise_async(texts, rx.url)),
+            ]
+            for round_ in range(rounds):
+                for name, count, contender in contenders:
+                    seconds = await contender(round_)
+                    expected += count
+                    rates[name].append(count / seconds)
+            await rx.wait_for(expected, within=30)
+            if (got := await rx.count()) != expected:
+                raise RuntimeError(f"the receiver got {got} POSTs, expected {expected}")
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def run(quick: bool = False) -> list[Row]:
+    events, apprise_events, rounds = (200, 50, 1) if quick else (5_000, 500, 3)
+    rates = asyncio.run(_measure(events, apprise_events, rounds))
+    ours_rate = rates["ours"]
+    share = ours_rate / rates["bare"]
+    return [
+        Row(
+            f"Delivery of {events:,} events, durable outbox -> signed webhook in another process, "
+            f"vs a bare pooled aiohttp client (same bodies, {CONCURRENCY} in flight each)",
+            fmt_rate(ours_rate),
+            fmt_rate(rates["bare"]),
+            f"{share:.0%}",
+            ">= 50%: " + ("met" if share >= 0.5 else "NOT met"),
+        ),
+        Row(
+            f"Delivery vs apprise json:// `notify` (sync, {apprise_events} messages)",
+            fmt_rate(ours_rate),
+            fmt_rate(rates["sync"]),
+            ratio(ours_rate, rates["sync"]),
+            ">= 5x: " + ("met" if ours_rate >= 5 * rates["sync"] else "NOT met"),
+        ),
+        Row(
+            f"Delivery vs apprise json:// `async_notify` ({apprise_events} messages, "
+            f"{CONCURRENCY} in flight)",
+            fmt_rate(ours_rate),
+            fmt_rate(rates["async"]),
+            ratio(ours_rate, rates["async"]),
+            ">= 5x: " + ("met" if ours_rate >= 5 * rates["async"] else "NOT met"),
+        ),
+    ]

@@ -1,0 +1,209 @@
+"""Figure: end-to-end latency through the whole bridge (`Bridge`, as `bridge run` wires it), from
+the moment the simulator changes a task (a tick) to the receipt of the webhook at a receiver in
+another process: with polling (poll_interval 1s) and with push callbacks (notifyHook -> /hooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import Row, fmt_time, percentile, ratio
+from bench.receiver import ReceiverProcess
+from bridge.app import Bridge
+from bridge.config import Config
+from bridge.models import Event
+from bridge.server import server_url
+from bridge.simulator import Simulator
+
+API_KEY = "bench-key"
+PUSH_TOKEN = "bench-push-token"
+STEPS = 99  # progress updates per probe task: one sample each
+
+
+@dataclass(slots=True)
+class Seen:
+    """The bridge's `on_event` hook: which (task id, progress) changes it has committed."""
+
+    waiting: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+
+    def _flag(self, key: tuple[str, str]) -> asyncio.Event:
+        return self.waiting.setdefault(key, asyncio.Event())
+
+    def __call__(self, event: Event) -> None:
+        if event.task is not None:
+            self._flag((event.subject, str(event.task.get("progress")))).set()
+
+    async def wait(self, task_id: str, progress: str, within: float) -> None:
+        async with asyncio.timeout(within):
+            await self._flag((task_id, progress)).wait()
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    task_id: str
+    progress: str
+    at: float  # unix time of the change
+
+
+def config(sims: list[Simulator], rx_url: str, poll_interval: float, push: bool) -> Config:
+    sources = [
+        {
+            "name": f"lane{i}",
+            "base_url": sim.url,
+            "api_key": API_KEY,
+            "auth": "mj-api-secret",
+            "poll_interval": poll_interval,
+            "backfill": True,
+            "mode": "list",
+            **({"push_token": PUSH_TOKEN} if push else {}),
+        }
+        for i, sim in enumerate(sims)
+    ]
+    raw: dict[str, Any] = {
+        "sources": sources,
+        "targets": {"rx": {"webhook": rx_url + "/bridge", "concurrency": 8}},
+        "rules": [{"name": "all", "on": ["task.*"], "to": ["rx"]}],
+    }
+    if push:
+        raw["server"] = {"listen": "127.0.0.1:0"}
+    return Config.model_validate(raw)
+
+
+@contextlib.asynccontextmanager
+async def simulators(count: int) -> AsyncIterator[list[Simulator]]:
+    sims = [Simulator("midjourney-proxy", api_key=API_KEY, seed=i) for i in range(count)]
+    try:
+        for sim in sims:
+            await sim.start()
+        yield sims
+    finally:
+        for sim in sims:
+            await sim.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(bridge: Bridge) -> AsyncIterator[None]:
+    task = asyncio.create_task(bridge.run())
+    try:
+        async with asyncio.timeout(30):
+            started = asyncio.ensure_future(bridge.wait_started())
+            await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                started.cancel()
+                task.result()  # raises why the bridge stopped
+        yield
+    finally:
+        bridge.stop()
+        async with asyncio.timeout(30):
+            await task
+
+
+async def lane(
+    sim: Simulator, seen: Seen | None, gap: float, samples: int, rng: random.Random
+) -> list[Tick]:
+    """One probe task: after each change has been seen (committed by the bridge, or posted by the
+    simulator itself when there is no bridge), wait a random time in [0, gap) so changes fall at
+    every phase of the poll cycle, then change it again."""
+    task_id = sim.add_task("latency probe --ar 3:2", steps=STEPS)
+    sim.tick(2)  # SUBMITTED, then IN_PROGRESS: the samples are the progress updates after it
+    ticks: list[Tick] = []
+    for _ in range(samples + 1):
+        progress = str((sim.task(task_id) or {}).get("progress"))
+        if seen is not None:
+            await seen.wait(task_id, progress, within=30)
+        else:
+            async with asyncio.timeout(30):
+                await sim.flush()
+        if len(ticks) == samples:
+            break
+        await asyncio.sleep(rng.uniform(0, gap))
+        at = time.time()
+        sim.tick()
+        ticks.append(Tick(task_id, str((sim.task(task_id) or {}).get("progress")), at))
+    return ticks
+
+
+async def _latencies(rx: ReceiverProcess, path: str, ticks: list[Tick]) -> list[float]:
+    """Arrival minus change time per tick, once every tick's webhook has arrived."""
+    wanted = {(t.task_id, t.progress) for t in ticks}
+    async with asyncio.timeout(30):
+        while True:
+            arrivals = {(r[2], r[4]): r[0] for r in await rx.log() if r[1] == path}
+            if wanted <= arrivals.keys():
+                return [arrivals[(t.task_id, t.progress)] - t.at for t in ticks]
+            await asyncio.sleep(0.05)
+
+
+async def through_bridge(
+    lanes: int, samples: int, poll: float, gap: float, push: bool
+) -> list[float]:
+    rng = random.Random(1)
+    async with ReceiverProcess(record=True) as rx, simulators(lanes) as sims:
+        with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
+            seen = Seen()
+            bridge = Bridge(config(sims, rx.url, poll, push), str(Path(tmp) / "bridge.db"))
+            bridge.on_event.append(seen)
+            async with running(bridge):
+                if push:
+                    url = server_url(bridge)
+                    if url is None:
+                        raise RuntimeError("the bridge's server is not listening")
+                    for i, sim in enumerate(sims):
+                        sim.notify_hook = f"{url}/hooks/lane{i}?token={PUSH_TOKEN}"
+                runs = [lane(sim, seen, gap, samples, rng) for sim in sims]
+                ticks = [t for lane_ticks in await asyncio.gather(*runs) for t in lane_ticks]
+                return await _latencies(rx, "/bridge", ticks)
+
+
+async def direct(lanes: int, samples: int, gap: float) -> list[float]:
+    """The peer of push: midjourney-proxy's own notifyHook posting straight to the receiver."""
+    rng = random.Random(2)
+    async with ReceiverProcess(record=True) as rx, simulators(lanes) as sims:
+        for sim in sims:
+            sim.notify_hook = rx.url + "/direct"
+        runs = [lane(sim, None, gap, samples, rng) for sim in sims]
+        ticks = [t for lane_ticks in await asyncio.gather(*runs) for t in lane_ticks]
+        return await _latencies(rx, "/direct", ticks)
+
+
+def run(quick: bool = False) -> list[Row]:
+    lanes, poll_samples, push_samples, poll = (2, 3, 5, 0.2) if quick else (4, 25, 90, 1.0)
+    polled = asyncio.run(through_bridge(lanes, poll_samples, poll, gap=poll, push=False))
+    n = len(polled)
+    # An ideal poller sees a change after a uniform share of the interval, delivery aside.
+    rows = [
+        Row(
+            f"Latency p{q}, poll_interval {poll:g}s, change -> webhook received ({n} changes)",
+            fmt_time(percentile(polled, q)),
+            f"{fmt_time(poll * q / 100)} (an ideal {poll:g}s poller)",
+            ratio(percentile(polled, q), poll * q / 100),
+        )
+        for q in (50, 99)
+    ]
+    # A slow poll (30s) so every sample is a push; changes 0-50ms apart.
+    try:
+        pushed = asyncio.run(through_bridge(lanes, push_samples, 30.0, gap=0.05, push=True))
+    except (TimeoutError, RuntimeError, ImportError) as exc:
+        why = f"n/a (push hooks did not deliver: {type(exc).__name__} {exc})"
+        return [*rows, *(Row(f"Latency p{q}, push callbacks", why) for q in (50, 99))]
+    peer = asyncio.run(direct(lanes, push_samples, gap=0.05))
+    for q in (50, 99):
+        ours, theirs = percentile(pushed, q), percentile(peer, q)
+        rows.append(
+            Row(
+                f"Latency p{q}, push (notifyHook -> /hooks -> diff -> outbox -> webhook, "
+                f"{len(pushed)} changes) vs notifyHook straight to the receiver",
+                fmt_time(ours),
+                fmt_time(theirs),
+                ratio(ours, theirs),
+            )
+        )
+    return rows

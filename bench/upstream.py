@@ -1,0 +1,134 @@
+"""Figure: what the bridge costs the upstream in steady state: requests and bytes per poll cycle,
+counted by the simulator, for `mode: list` and `mode: active`, through the real `Bridge` wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import Row, fmt_bytes, ratio
+from bench.latency import API_KEY, running
+from bridge.app import Bridge
+from bridge.config import Config
+from bridge.models import Event
+from bridge.simulator import Simulator
+
+RUNNING = 50  # unfinished tasks, each changing every cycle
+CYCLES = 5
+LIST = "/mj/task/list"
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    requests: float  # per poll cycle, median
+    bytes: float
+    events: int  # task events the bridge committed over the measured cycles
+    paths: Counter[str]  # every request of the measured cycles, by "METHOD path"
+
+
+async def measure(tasks: int, mode: str, cycles: int) -> Cost:
+    """`tasks` stored tasks, RUNNING of them unfinished. After the bridge's first contact, each
+    cycle advances every running task one step, then polls once."""
+    sim = Simulator("midjourney-proxy", api_key=API_KEY)
+    sim.seed_tasks(tasks - RUNNING)
+    ids = [sim.add_task(f"running {i}", steps=4 * cycles) for i in range(RUNNING)]
+    sim.tick(2)
+    events: list[Event] = []
+    await sim.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
+            config = Config.model_validate(
+                {
+                    "sources": [
+                        {
+                            "name": "mj",
+                            "base_url": sim.url,
+                            "api_key": API_KEY,
+                            "auth": "mj-api-secret",
+                            "poll_interval": "1h",  # polls once at start; the cycles poll by hand
+                            "mode": mode,
+                        }
+                    ]
+                }
+            )
+            bridge = Bridge(config, str(Path(tmp) / "bridge.db"))
+            bridge.on_event.append(events.append)
+            async with running(bridge):
+                watcher = (await bridge.wait_started()).watchers["mj"]
+                async with asyncio.timeout(60):
+                    while watcher.status.polls < 1:  # noqa: ASYNC110 (no event for it)
+                        await asyncio.sleep(0.01)
+                requests, sizes = [], []
+                first = len(sim.requests)
+                events.clear()
+                for _ in range(cycles):
+                    count, sent = len(sim.requests), sim.bytes_sent
+                    sim.tick()
+                    await watcher.poll_once()
+                    requests.append(len(sim.requests) - count)
+                    sizes.append(sim.bytes_sent - sent)
+                paths = Counter(f"{m} {p}" for m, p in sim.requests[first:])
+    finally:
+        await sim.stop()
+    changed = sum(1 for e in events if e.subject in set(ids))
+    return Cost(statistics.median(requests), statistics.median(sizes), changed, paths)
+
+
+def _describe(cost: Cost) -> str:
+    """e.g. "2 requests (GET /mj/task/queue, POST /mj/task/list-by-condition), 49.2 KB"."""
+    plural = "" if cost.requests == 1 else "s"
+    kinds = ", ".join(sorted(cost.paths))
+    return f"{cost.requests:g} request{plural} ({kinds}), {fmt_bytes(cost.bytes)}"
+
+
+def _implemented(active: Cost) -> bool:
+    """Steady-state polls in active mode read no full list (it is read at start and every
+    full_every); a source that ignores the mode reads it every time."""
+    return not any(path.endswith(LIST) for path in active.paths)
+
+
+def _active_row(tasks: int, listed: Cost, active: Cost | None) -> Row:
+    figure = f"Upstream cost per poll, {tasks:,} tasks ({RUNNING} running), mode: active vs list"
+    goal = ">= 100x fewer bytes" if tasks >= 100_000 else ""
+    if active is None or not _implemented(active):
+        why = "n/a (mode: active is not implemented yet: every poll still reads /mj/task/list)"
+        return Row(figure, why, _describe(listed) if active is not None else "—", target=goal)
+    fewer = listed.bytes / active.bytes if active.bytes else float("inf")
+    same = "same events" if active.events == listed.events else "EVENTS DIFFER"
+    return Row(
+        f"{figure} ({active.events} vs {listed.events} task events: {same})",
+        _describe(active),
+        _describe(listed),
+        f"{ratio(listed.bytes, active.bytes)} fewer bytes",
+        f"{goal}: " + ("met" if fewer >= 100 else "NOT met") if goal else "",
+    )
+
+
+def run(quick: bool = False) -> list[Row]:
+    sizes = (1_000,) if quick else (10_000, 100_000)
+    cycles = 2 if quick else CYCLES
+    listed = asyncio.run(measure(sizes[0], "list", cycles))
+    rows = [
+        Row(
+            f"Upstream cost per poll, {sizes[0]:,} tasks ({RUNNING} running), mode: list "
+            "(GET /mj/task/list each poll)",
+            _describe(listed),
+            target="1 request per poll: " + ("met" if listed.requests == 1 else "NOT met"),
+        )
+    ]
+    active = asyncio.run(measure(sizes[0], "active", cycles))
+    rows.append(_active_row(sizes[0], listed, active))
+    for tasks in sizes[1:]:
+        if not _implemented(active):
+            rows.append(_active_row(tasks, listed, None))  # the bigger size would say the same
+            continue
+        # Three cycles at this size: each list read is a few hundred MB.
+        listed = asyncio.run(measure(tasks, "list", min(cycles, 3)))
+        active = asyncio.run(measure(tasks, "active", min(cycles, 3)))
+        rows.append(_active_row(tasks, listed, active))
+    return rows
