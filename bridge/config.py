@@ -20,7 +20,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from bridge import rules, templates
 from bridge.errors import ConfigError, Problem
@@ -28,13 +36,16 @@ from bridge.models import EVENT_TYPES
 
 __all__ = [
     "AppriseTargetConfig",
+    "ChatTargetCommon",
     "Config",
     "ConfigError",
     "ConfigWatcher",
+    "DiscordTargetConfig",
     "GroupConfig",
     "Problem",
     "RuleConfig",
     "ServerConfig",
+    "SlackTargetConfig",
     "SourceConfig",
     "TargetCommon",
     "TargetConfig",
@@ -142,16 +153,86 @@ class WebhookTargetConfig(TargetCommon):
     headers: dict[str, str] = Field(default_factory=dict)
 
 
-TargetConfig = AppriseTargetConfig | WebhookTargetConfig
+# A Discord webhook URL: https://discord.com/api/webhooks/{id}/{token}, optionally ?thread_id=...
+DISCORD_WEBHOOK = re.compile(
+    r"^https://(?:(?:ptb|canary)\.)?discord(?:app)?\.com/api(?:/v\d+)?/webhooks/"
+    r"(?P<id>\d+)/(?P<token>[A-Za-z0-9_-]+)/?(?:\?(?P<query>[^#]*))?$"
+)
+
+
+def _api_base(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("api_base must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class ChatTargetCommon(TargetCommon):
+    """What the chat targets share: one message per task, edited in place."""
+
+    min_edit_interval: Duration = 2.0  # at most one edit of a task's message this often
+    attach_image: bool = False  # download the final image and upload it with the message
+    max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)  # 8MiB; larger images are linked
+
+
+class DiscordTargetConfig(ChatTargetCommon):
+    kind: Literal["discord"] = "discord"
+    discord: str  # the channel's webhook URL (Server Settings > Integrations > Webhooks)
+    api_base: str = "https://discord.com/api/v10"
+
+    @field_validator("discord")
+    @classmethod
+    def _webhook_url(cls, value: str) -> str:
+        if not DISCORD_WEBHOOK.match(value.strip()):
+            # The value is not echoed: it carries the webhook token.
+            raise ValueError(
+                "must be a Discord webhook URL: https://discord.com/api/webhooks/ID/TOKEN"
+            )
+        return value.strip()
+
+    _api = field_validator("api_base")(_api_base)
+
+    @property
+    def webhook_id(self) -> str:
+        m = DISCORD_WEBHOOK.match(self.discord)
+        assert m is not None  # checked by the validator
+        return m["id"]
+
+    @property
+    def webhook_token(self) -> str:
+        m = DISCORD_WEBHOOK.match(self.discord)
+        assert m is not None
+        return m["token"]
+
+    @property
+    def thread_id(self) -> str | None:
+        m = DISCORD_WEBHOOK.match(self.discord)
+        query = m["query"] if m else None
+        found = re.search(r"(?:^|&)thread_id=(\d+)", query or "")
+        return found[1] if found else None
+
+
+class SlackTargetConfig(ChatTargetCommon):
+    kind: Literal["slack"] = "slack"
+    slack: str = Field(min_length=1)  # the channel: "#name" or an id such as C0123456789
+    token: str = Field(min_length=1)  # a bot token, xoxb-...; needs chat:write (files:write)
+    api_base: str = "https://slack.com/api"
+
+    _api = field_validator("api_base")(_api_base)
+
+
+TargetConfig = AppriseTargetConfig | WebhookTargetConfig | DiscordTargetConfig | SlackTargetConfig
+TARGET_KINDS: tuple[str, ...] = ("apprise", "webhook", "discord", "slack")
 
 
 def _target_kind(value: Any) -> Any:
-    """A string is an apprise URL; a mapping is told apart by its main key."""
+    """A string is an apprise URL; a mapping is told apart by its main key (`webhook:`,
+    `discord:`, `slack:`; else `url:`, apprise)."""
     if isinstance(value, str):
         return {"kind": "apprise", "url": value}
     if isinstance(value, dict) and "kind" not in value:
-        if "webhook" in value:
-            return {"kind": "webhook", **value}
+        for kind in ("webhook", "discord", "slack"):
+            if kind in value:
+                return {"kind": kind, **value}
         return {"kind": "apprise", **value}
     return value
 
@@ -202,6 +283,10 @@ class Config(Strict):
                     found.append(url)
                 case WebhookTargetConfig(secret=secret, headers=headers):
                     found += [v for v in (secret, *headers.values()) if v]
+                case DiscordTargetConfig():
+                    found += [t.discord, t.webhook_token]
+                case SlackTargetConfig(token=token):
+                    found.append(token)
         return found
 
 
@@ -371,8 +456,13 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
             return SourceConfig
         case ("targets", str() as name):
             value = raw.get("targets", {}).get(name) if isinstance(raw, dict) else None
-            webhook = isinstance(value, dict) and "webhook" in value
-            return WebhookTargetConfig if webhook else AppriseTargetConfig
+            kind = _target_kind(value).get("kind") if isinstance(value, dict) else None
+            models: dict[Any, type[BaseModel]] = {
+                "webhook": WebhookTargetConfig,
+                "discord": DiscordTargetConfig,
+                "slack": SlackTargetConfig,
+            }
+            return models.get(kind, AppriseTargetConfig)
         case ("rules", int()):
             return RuleConfig
         case ("rules", int(), "group"):
@@ -385,7 +475,7 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
 def _validation_problems(doc: _Document, raw: Any, exc: ValidationError) -> None:
     for error in exc.errors():
         loc: Loc = tuple(error["loc"])
-        if len(loc) >= 3 and loc[0] == "targets" and loc[2] in ("apprise", "webhook"):
+        if len(loc) >= 3 and loc[0] == "targets" and loc[2] in TARGET_KINDS:
             loc = loc[:2] + loc[3:]  # the discriminated union's tag is not in the file
         kind = error["type"]
         if kind == "missing":
@@ -395,7 +485,8 @@ def _validation_problems(doc: _Document, raw: Any, exc: ValidationError) -> None
             hint = rules.suggest(str(loc[-1]), list(model.model_fields)) if model else ""
             doc.add(doc.key_at(loc), f"{_dotted(loc[:-1])}: unknown key '{loc[-1]}'{hint}")
         elif kind == "union_tag_invalid":
-            doc.add(doc.at(loc), f"{_dotted(loc)}: kind must be apprise or webhook")
+            doc.add(doc.at(loc), f"{_dotted(loc)}: kind must be apprise or webhook, "
+                    "or discord or slack for chat")  # fmt: skip
         else:
             # pydantic's messages name the expected shape, never the input value.
             message = str(error["msg"]).removeprefix("Value error, ")

@@ -68,18 +68,23 @@ _QUERY_SECRET = re.compile(
     r"(?P<value>[^&#\s]+)",
     re.IGNORECASE,
 )
-_DISCORD_WEBHOOK = re.compile(r"(/api/webhooks/\d+/)[^/\s?#]+")
+# Discord webhook URLs and the API paths built from them (/api/v10/webhooks/ID/TOKEN/...).
+_DISCORD_WEBHOOK = re.compile(r"(/webhooks/\d+/)[^/\s?#]+")
+# Slack tokens: bot xoxb-, user xoxp-, app-level xapp-, and the other xox?- kinds.
+_SLACK_TOKEN = re.compile(r"\b(xox[abeoprs]|xapp)-[A-Za-z0-9-]+")
 _SLACK_HOOK = re.compile(r"(hooks\.slack\.com/services/)[^\s?#]+")
 _BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """Hide what looks like a credential in a URL or header: user:pass@, tokens in query strings,
-    the token parts of chat webhook URLs, bearer tokens. Keeps the scheme and host readable."""
+    the token parts of chat webhook URLs (also as Discord API paths), Slack tokens, bearer tokens.
+    Keeps the scheme and host readable."""
     text = _URL_USERINFO.sub(lambda m: m["scheme"] + "***@", text)
     text = _QUERY_SECRET.sub(lambda m: m["key"] + "***", text)
     text = _DISCORD_WEBHOOK.sub(r"\1***", text)
     text = _SLACK_HOOK.sub(r"\1***", text)
+    text = _SLACK_TOKEN.sub(r"\1-***", text)
     text = _BEARER.sub(r"\1***", text)
 
     def _apprise_path(m: re.Match[str]) -> str:

@@ -5,14 +5,25 @@ holds the `Target` seam and picks the implementation with a `match` on the confi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, assert_never
+from typing import TYPE_CHECKING, Protocol, assert_never
 
 import aiohttp
 
-from bridge.config import AppriseTargetConfig, TargetConfig, WebhookTargetConfig
+from bridge.config import (
+    AppriseTargetConfig,
+    DiscordTargetConfig,
+    SlackTargetConfig,
+    TargetConfig,
+    WebhookTargetConfig,
+)
 from bridge.store import OutboxItem
+from bridge.targets.discord import DiscordTarget
 from bridge.targets.notify import AppriseTarget
+from bridge.targets.slack import SlackTarget
 from bridge.targets.webhook import WebhookTarget
+
+if TYPE_CHECKING:
+    from bridge.store import Store
 
 
 class Target(Protocol):
@@ -28,15 +39,33 @@ class Target(Protocol):
         ...
 
 
-def build_target(name: str, config: TargetConfig, session: aiohttp.ClientSession) -> Target:
-    """The target for one `targets:` entry. The session is the process's; targets never close it."""
+def build_target(
+    name: str,
+    config: TargetConfig,
+    session: aiohttp.ClientSession,
+    store: Store | None = None,
+) -> Target:
+    """The target for one `targets:` entry. The session is the process's; targets never close it.
+    The chat targets keep each task's message id in `store` (so a restart edits the same
+    message); without one they remember it in memory only."""
     match config:
         case WebhookTargetConfig():
             return WebhookTarget(name, config, session)
         case AppriseTargetConfig():
             return AppriseTarget(name, config)
+        case DiscordTargetConfig():
+            return DiscordTarget(name, config, session, store)
+        case SlackTargetConfig():
+            return SlackTarget(name, config, session, store)
         case _:
             assert_never(config)
 
 
-__all__ = ["AppriseTarget", "Target", "WebhookTarget", "build_target"]
+__all__ = [
+    "AppriseTarget",
+    "DiscordTarget",
+    "SlackTarget",
+    "Target",
+    "WebhookTarget",
+    "build_target",
+]
