@@ -8,17 +8,24 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from bridge.diff import TaskState
 from bridge.errors import StoreError
-from bridge.store import Store
+from bridge.store import Store, open_store
+from tests import pg
 from tests.receiver import make_delivery, make_event
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(str(tmp_path / "bridge.db")) as s:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Every test taking `store` runs against both backends (PostgreSQL: a throwaway database)."""
+    if request.param == "sqlite":
+        async with await open_store(str(tmp_path / "bridge.db")) as s:
+            yield s
+        return
+    async with pg.database() as url, await open_store(url) as s:
         yield s
 
 
@@ -132,6 +139,16 @@ async def test_replay_all(store: Store) -> None:
     assert await store.outbox_depth() == {"hook": 3}
 
 
+async def test_a_sqlite_file_is_one_process_so_open_frees_leases(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    async with await Store.open(path) as store:
+        assert not store.shared
+        assert await store.try_lease("source:mj", store.holder, 60)
+    # killed without releasing: the next process on the file need not wait for the expiry
+    async with await Store.open(path) as store:
+        assert await store.try_lease("source:mj", store.holder, 60)
+
+
 async def test_inflight_rows_of_a_dead_process_go_back_to_pending(tmp_path: Path) -> None:
     path = str(tmp_path / "b.db")
     async with await Store.open(path) as store:
@@ -169,10 +186,10 @@ async def test_a_failed_commit_leaves_nothing_behind(store: Store) -> None:
     from dataclasses import replace
 
     event = make_event(1)
-    # The outbox insert comes last and fails on a value SQLite cannot bind: states and events
+    # The outbox insert comes last and fails on a value the database cannot bind: states and events
     # written before it in the same transaction must be gone too.
     broken = replace(make_delivery(event, "hook"), title=object())
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises((sqlite3.Error, asyncpg.DataError)):
         await store.commit("mj", {"1": TaskState("SUCCESS", 100, 1.0)}, [event], [broken])
     assert await store.load_tasks("mj") == {}
     assert await store.recent_events() == []
@@ -196,12 +213,50 @@ async def test_message_references_are_upserted_per_target_and_key(store: Store) 
     assert await store.get_message("slack", "mj:2") is None
 
 
+async def test_leases_are_exclusive_until_released_or_expired(store: Store) -> None:
+    assert await store.lease("source:mj") is None
+    assert await store.try_lease("source:mj", "a", 30)
+    assert await store.try_lease("source:mj", "a", 30)  # ours: renewed
+    assert not await store.try_lease("source:mj", "b", 30)
+    assert await store.try_lease("source:other", "b", 30)
+    holder, left = await store.lease("source:mj") or ("", 0.0)
+    assert holder == "a"
+    assert 0 < left <= 30
+    assert await store.renew_lease("source:mj", "a", 30)
+    assert not await store.renew_lease("source:mj", "b", 30)
+
+    await store.release_lease("source:mj", "b")  # not b's: nothing happens
+    assert not await store.try_lease("source:mj", "b", 30)
+    await store.release_lease("source:mj", "a")
+    assert await store.lease("source:mj") is None
+    assert await store.try_lease("source:mj", "b", 0.05)
+    assert not await store.try_lease("source:mj", "a", 30)
+
+
+async def test_an_expired_lease_goes_to_the_next_taker(store: Store) -> None:
+    import asyncio
+
+    assert await store.try_lease("source:mj", "a", 0.05)
+    await asyncio.sleep(0.1)
+    assert await store.lease("source:mj") is None
+    assert await store.try_lease("source:mj", "b", 30)
+    assert not await store.renew_lease("source:mj", "a", 30)
+    assert (await store.lease("source:mj") or ("", 0))[0] == "b"
+
+
+async def test_every_store_has_a_holder_name(store: Store) -> None:
+    import os
+
+    assert f":{os.getpid()}:" in store.holder
+
+
 async def test_an_older_database_gains_the_messages_table(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     async with await Store.open(str(path)):
         pass
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE messages")
+        db.execute("DROP TABLE leases")
         db.execute("PRAGMA user_version = 1")
     async with await Store.open(str(path)) as store:
         await store.put_message("discord", "mj:1", "m")

@@ -1,6 +1,7 @@
-"""The outbox stage: SQLite holds task state, events and the deliveries still owed to targets.
-A snapshot's states, its new events and their deliveries are written in ONE transaction, before
-anything is sent; `deliver.py` then claims, sends and marks them.
+"""The outbox stage, embedded: one SQLite file holds task state, events and the deliveries still
+owed to targets, for one bridge process. A snapshot's states, its new events and their deliveries
+are written in ONE transaction, before anything is sent; `deliver.py` then claims, sends and marks
+them.
 """
 
 from __future__ import annotations
@@ -9,11 +10,9 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiosqlite
 import orjson
@@ -21,64 +20,16 @@ import orjson
 from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event
-
-# Each entry moves the schema one version up; `PRAGMA user_version` says how many are applied.
-# Never edit an entry once released: append a new one.
-_MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE sources (
-        name TEXT PRIMARY KEY,
-        seen INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE tasks (
-        source TEXT NOT NULL,
-        id TEXT NOT NULL,
-        status TEXT NOT NULL,
-        progress INTEGER NOT NULL,
-        changed_at REAL NOT NULL,
-        stalled INTEGER NOT NULL DEFAULT 0,
-        missing INTEGER NOT NULL DEFAULT 0,
-        finished INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (source, id)
-    ) WITHOUT ROWID;
-    CREATE TABLE events (
-        id TEXT PRIMARY KEY,
-        type TEXT NOT NULL,
-        source TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        time REAL NOT NULL,
-        json BLOB NOT NULL
-    );
-    CREATE INDEX events_time ON events (time);
-    CREATE TABLE outbox (
-        id TEXT PRIMARY KEY,
-        target TEXT NOT NULL,
-        rule TEXT NOT NULL,
-        event_id TEXT NOT NULL REFERENCES events (id),
-        title TEXT NOT NULL,
-        body TEXT NOT NULL,
-        "group" TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        next_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        last_error TEXT,
-        state TEXT NOT NULL DEFAULT 'pending'
-            CHECK (state IN ('pending', 'inflight', 'sent', 'dead'))
-    );
-    CREATE INDEX outbox_due ON outbox (target, state, next_at);
-    CREATE INDEX outbox_state ON outbox (state, updated_at);
-    """,
-    """
-    CREATE TABLE messages (
-        target TEXT NOT NULL,
-        key TEXT NOT NULL,
-        ref TEXT NOT NULL,
-        updated_at REAL NOT NULL,
-        PRIMARY KEY (target, key)
-    ) WITHOUT ROWID;
-    """,
+from bridge.store.base import (
+    OutboxItem,
+    OutboxRow,
+    Store,
+    chunks,
+    event_json,
+    item_from_row,
+    new_holder,
 )
+from bridge.store.schema import SQLITE_MIGRATIONS
 
 _CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
 
@@ -88,63 +39,12 @@ _ITEM_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """One delivery as the outbox holds it: what to send, and how it went so far."""
-
-    id: str
-    target: str
-    rule: str
-    event: Event
-    title: str
-    body: str
-    group: str | None
-    attempts: int
-    created_at: float
-    next_at: float
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """An outbox item with its state, for the status page."""
-
-    item: OutboxItem
-    state: str
-    updated_at: float
-
-
-def _event_json(event: Event) -> bytes:
-    return orjson.dumps(event.cloudevent())
-
-
-def _item(row: Any) -> OutboxItem:
-    return OutboxItem(
-        id=row[0],
-        target=row[1],
-        rule=row[2],
-        event=Event.from_cloudevent(orjson.loads(row[3])),
-        title=row[4],
-        body=row[5],
-        group=row[6],
-        attempts=row[7],
-        created_at=row[8],
-        next_at=row[9],
-        last_error=row[10],
-    )
-
-
-def _chunks(ids: Sequence[str]) -> Iterable[Sequence[str]]:
-    for start in range(0, len(ids), _CHUNK):
-        yield ids[start : start + _CHUNK]
-
-
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class Store:
-    """Task state, events, outbox and dead letters in one SQLite file (WAL mode).
+class SqliteStore(Store):
+    """Task state, events, outbox and dead letters in one SQLite file (WAL mode), for one process.
 
     One connection, one writer: aiosqlite runs every statement on the connection's own thread, and
     a lock keeps each call's statements (one transaction) together.
@@ -155,11 +55,13 @@ class Store:
         # Coroutines share the one connection: a transaction must not interleave with another's
         # statements, and a read must not see another's uncommitted writes.
         self._lock = asyncio.Lock()
+        self.holder = new_holder()
 
     @classmethod
-    async def open(cls, path: str) -> Store:
-        """Open (creating or migrating) the database at `path`. Deliveries left in flight by a
-        process that died are handed back, so they are sent again."""
+    async def open(cls, url_or_path: str) -> SqliteStore:
+        """Open (creating or migrating) the database at `path`. Deliveries left in flight and
+        leases held by a process that died are handed back: one process uses the file."""
+        path = url_or_path
         try:
             # Tried with plain sqlite3 first: aiosqlite leaves its thread behind when the
             # connect itself fails, and that thread later trips over a closed event loop.
@@ -181,6 +83,7 @@ class Store:
             store = cls(db)
             await store._migrate(path)
             await db.execute("UPDATE outbox SET state = 'pending' WHERE state = 'inflight'")
+            await db.execute("DELETE FROM leases")
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -192,12 +95,12 @@ class Store:
         async with self._db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
-        if version > len(_MIGRATIONS):
+        if version > len(SQLITE_MIGRATIONS):
             raise StoreError(
                 f"the database {path} has schema version {version}, newer than this bridge "
-                f"knows ({len(_MIGRATIONS)}); upgrade the bridge"
+                f"knows ({len(SQLITE_MIGRATIONS)}); upgrade the bridge"
             )
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
             # executescript commits on its own, so the version bump rides inside the script.
             await self._db.executescript(
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
@@ -205,17 +108,6 @@ class Store:
 
     async def close(self) -> None:
         await self._db.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[None]:
@@ -279,7 +171,7 @@ class Store:
         async with self._tx():
             known: set[str] = set()
             ids = list(candidates)
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids, _CHUNK):
                 sql = f"SELECT id FROM events WHERE id IN ({_marks(len(chunk))})"
                 known.update(r[0] for r in await db.execute_fetchall(sql, chunk))
             new = [e for e in candidates.values() if e.id not in known]
@@ -310,7 +202,7 @@ class Store:
                     "INSERT OR IGNORE INTO events (id, type, source, subject, time, json) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     [
-                        (e.id, e.type, e.source, e.subject, e.time.timestamp(), _event_json(e))
+                        (e.id, e.type, e.source, e.subject, e.time.timestamp(), event_json(e))
                         for e in new
                     ],
                 )
@@ -361,7 +253,7 @@ class Store:
             'title, body, "group", attempts, created_at, next_at, last_error'
         )
         rows = await self._fetch(sql, (target, now, limit))
-        return sorted((_item(r) for r in rows), key=lambda i: (i.next_at, i.created_at))
+        return sorted((item_from_row(r) for r in rows), key=lambda i: (i.next_at, i.created_at))
 
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
@@ -399,7 +291,7 @@ class Store:
                 await self._fetch(f"{sql} ({_marks(len(ids))})", (*params, *ids))
             return
         async with self._tx():
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids, _CHUNK):
                 await self._db.execute(f"{sql} ({_marks(len(chunk))})", (*params, *chunk))
 
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
@@ -407,7 +299,7 @@ class Store:
             f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
             "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
-        return [_item(r) for r in await self._fetch(sql, (limit,))]
+        return [item_from_row(r) for r in await self._fetch(sql, (limit,))]
 
     async def replay(self, ids: Sequence[str] | None) -> int:
         """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
@@ -424,7 +316,7 @@ class Store:
                     count = cur.rowcount
             else:
                 count = 0
-                for chunk in _chunks(list(ids)):
+                for chunk in chunks(list(ids), _CHUNK):
                     chunk_sql = f"{sql} AND id IN ({_marks(len(chunk))})"
                     async with db.execute(chunk_sql, (now, now, now, *chunk)) as cur:
                         count += cur.rowcount
@@ -440,7 +332,7 @@ class Store:
             f"SELECT {_ITEM_COLUMNS}, o.state, o.updated_at FROM outbox o "
             "JOIN events e ON e.id = o.event_id ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
-        return [OutboxRow(_item(r), r[11], r[12]) for r in await self._fetch(sql, (limit,))]
+        return [OutboxRow(item_from_row(r), r[11], r[12]) for r in await self._fetch(sql, (limit,))]
 
     async def outbox_depth(self) -> dict[str, int]:
         """Deliveries still waiting (pending or in flight) per target."""
@@ -477,3 +369,33 @@ class Store:
         sql = "SELECT MIN(next_at) FROM outbox WHERE target = ? AND state = 'pending'"
         rows = await self._fetch(sql, (target,))
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        now = time.time()
+        rows = await self._fetch(
+            "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+            "expires_at = excluded.expires_at "
+            "WHERE leases.holder = excluded.holder OR leases.expires_at < ? RETURNING holder",
+            (name, holder, now + ttl, now),
+        )
+        return bool(rows)
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        rows = await self._fetch(
+            "UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ? RETURNING 1",
+            (time.time() + ttl, name, holder),
+        )
+        return bool(rows)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._fetch("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    async def lease(self, name: str) -> tuple[str, float] | None:
+        rows = await self._fetch(
+            "SELECT holder, expires_at FROM leases WHERE name = ? AND expires_at >= ?",
+            (name, time.time()),
+        )
+        return (str(rows[0][0]), float(rows[0][1]) - time.time()) if rows else None

@@ -1,0 +1,219 @@
+"""The outbox stage's one interface: what every store backend (SQLite, PostgreSQL) offers the
+watchers, the deliverer, the server and `bridge dlq`, and the records it hands back.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+
+from bridge.diff import TaskState
+from bridge.models import Delivery, Event
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One delivery as the outbox holds it: what to send, and how it went so far."""
+
+    id: str
+    target: str
+    rule: str
+    event: Event
+    title: str
+    body: str
+    group: str | None
+    attempts: int
+    created_at: float
+    next_at: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox item with its state, for the status page."""
+
+    item: OutboxItem
+    state: str
+    updated_at: float
+
+
+def is_postgres(url_or_path: str) -> bool:
+    return url_or_path.startswith(("postgresql://", "postgres://"))
+
+
+def new_holder() -> str:
+    """Who this process is, in leases and claims: host, pid and a random tail (pids repeat)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def event_json(event: Event) -> bytes:
+    return orjson.dumps(event.cloudevent())
+
+
+def item_from_row(row: Sequence[Any]) -> OutboxItem:
+    """An OutboxItem from the columns id, target, rule, event json, title, body, group,
+    attempts, created_at, next_at, last_error (in that order)."""
+    return OutboxItem(
+        id=row[0],
+        target=row[1],
+        rule=row[2],
+        event=Event.from_cloudevent(orjson.loads(row[3])),
+        title=row[4],
+        body=row[5],
+        group=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        next_at=row[9],
+        last_error=row[10],
+    )
+
+
+def chunks(ids: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for start in range(0, len(ids), size):
+        yield ids[start : start + size]
+
+
+class Store(ABC):
+    """Task state, events, outbox, dead letters, message references and leases.
+
+    `Store.open(url_or_path)` picks the backend: a `postgresql://` URL opens PostgreSQL (several
+    replicas may share it), anything else is the path of a SQLite file (one process).
+    """
+
+    #: This process in leases and delivery claims (see bridge/lease.py).
+    holder: str
+    #: True when several processes may share the store (PostgreSQL): sources need a lease.
+    shared: bool = False
+
+    @classmethod
+    async def open(cls, url_or_path: str) -> Store:
+        """Open (creating or migrating) the store. Deliveries left in flight by a process that
+        died are handed back, so they are sent again."""
+        if is_postgres(url_or_path):
+            from bridge.store.postgres import PostgresStore
+
+            return await PostgresStore.open(url_or_path)
+        from bridge.store.sqlite import SqliteStore
+
+        return await SqliteStore.open(url_or_path)
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- task state -------------------------------------------------------------------------
+
+    @abstractmethod
+    async def load_tasks(self, source: str) -> dict[str, TaskState]: ...
+
+    @abstractmethod
+    async def source_seen(self, source: str) -> bool: ...
+
+    @abstractmethod
+    async def commit(
+        self,
+        source: str,
+        states: Mapping[str, TaskState],
+        events: Sequence[Event],
+        deliveries: Sequence[Delivery],
+        *,
+        seen: bool = True,
+    ) -> list[Event]:
+        """ONE transaction: upsert states, insert the events not stored yet, insert the deliveries
+        of those new events. Returns the new events, in the order given. Re-detecting a change
+        after a crash yields the same event ids, so it stores (and sends) nothing twice."""
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
+        """Due deliveries of `target`, oldest first, marked in flight so no other worker takes
+        them."""
+
+    @abstractmethod
+    async def release(self, ids: Sequence[str]) -> None:
+        """Hand claimed deliveries back without counting an attempt (shutdown)."""
+
+    @abstractmethod
+    async def mark_sent(self, ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    async def mark_retry(self, id: str, next_at: float, error: str) -> None: ...
+
+    @abstractmethod
+    async def mark_dead(self, id: str, error: str) -> None: ...
+
+    @abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[OutboxItem]: ...
+
+    @abstractmethod
+    async def replay(self, ids: Sequence[str] | None) -> int:
+        """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
+        and a fresh age, so `max_attempts` and `max_age` count from the replay."""
+
+    @abstractmethod
+    async def recent_events(self, limit: int = 50) -> list[Event]: ...
+
+    @abstractmethod
+    async def recent_deliveries(self, limit: int = 50) -> list[OutboxRow]:
+        """The latest deliveries in any state, newest first (status page)."""
+
+    @abstractmethod
+    async def outbox_depth(self) -> dict[str, int]:
+        """Deliveries still waiting (pending or in flight) per target."""
+
+    @abstractmethod
+    async def dead_count(self) -> dict[str, int]:
+        """Dead letters per target (metrics)."""
+
+    @abstractmethod
+    async def next_due(self, target: str) -> float | None:
+        """When the next delivery of `target` can be claimed (None: nothing waits)."""
+
+    # -- message references -----------------------------------------------------------------
+
+    @abstractmethod
+    async def get_message(self, target: str, key: str) -> str | None:
+        """The reference a target kept for `key` (e.g. "source:task_id"): the chat message to
+        edit for that task. None when it has none yet."""
+
+    @abstractmethod
+    async def put_message(self, target: str, key: str, ref: str) -> None:
+        """Remember (or replace) the reference a target keeps for `key`."""
+
+    # -- leases -----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take the lease `name` for `ttl` seconds if it is free, expired or already ours (then
+        it is renewed). True when `holder` holds it now."""
+
+    @abstractmethod
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Extend our lease by `ttl` seconds from now; False when another holder has it."""
+
+    @abstractmethod
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up (if ours), so another process takes it at once."""
+
+    @abstractmethod
+    async def lease(self, name: str) -> tuple[str, float] | None:
+        """(holder, seconds until it expires) of a lease held now; None when it is free."""

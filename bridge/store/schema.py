@@ -1,0 +1,136 @@
+"""The outbox stage's schema: one list of migrations per backend, applied at start. Each entry moves
+the schema one version up; never edit an entry once released, append a new one (to both lists
+when both backends gain the table).
+"""
+
+from __future__ import annotations
+
+# `PRAGMA user_version` says how many are applied.
+SQLITE_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sources (
+        name TEXT PRIMARY KEY,
+        seen INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE tasks (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress INTEGER NOT NULL,
+        changed_at REAL NOT NULL,
+        stalled INTEGER NOT NULL DEFAULT 0,
+        missing INTEGER NOT NULL DEFAULT 0,
+        finished INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (source, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        source TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        time REAL NOT NULL,
+        json BLOB NOT NULL
+    );
+    CREATE INDEX events_time ON events (time);
+    CREATE TABLE outbox (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        event_id TEXT NOT NULL REFERENCES events (id),
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        "group" TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        next_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_error TEXT,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'inflight', 'sent', 'dead'))
+    );
+    CREATE INDEX outbox_due ON outbox (target, state, next_at);
+    CREATE INDEX outbox_state ON outbox (state, updated_at);
+    """,
+    """
+    CREATE TABLE messages (
+        target TEXT NOT NULL,
+        key TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (target, key)
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+)
+
+# The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that
+# start together apply each one once. Times are epoch seconds (double precision) like SQLite's,
+# except lease expiry, which is the server's clock so replicas' clocks need not agree.
+POSTGRES_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sources (
+        name TEXT PRIMARY KEY,
+        seen BOOLEAN NOT NULL DEFAULT false
+    );
+    CREATE TABLE tasks (
+        source TEXT NOT NULL,
+        id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        progress INTEGER NOT NULL,
+        changed_at DOUBLE PRECISION NOT NULL,
+        stalled BOOLEAN NOT NULL DEFAULT false,
+        missing INTEGER NOT NULL DEFAULT 0,
+        finished BOOLEAN NOT NULL DEFAULT false,
+        PRIMARY KEY (source, id)
+    );
+    CREATE TABLE events (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY,
+        id TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        source TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        time DOUBLE PRECISION NOT NULL,
+        json BYTEA NOT NULL
+    );
+    CREATE INDEX events_time ON events (time, seq);
+    CREATE TABLE outbox (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        event_id TEXT NOT NULL REFERENCES events (id),
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        "group" TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        next_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        last_error TEXT,
+        state TEXT NOT NULL DEFAULT 'pending'
+            CHECK (state IN ('pending', 'inflight', 'sent', 'dead')),
+        claimed_by TEXT,
+        claimed_until DOUBLE PRECISION
+    );
+    CREATE INDEX outbox_due ON outbox (target, next_at) WHERE state IN ('pending', 'inflight');
+    CREATE INDEX outbox_state ON outbox (state, updated_at);
+    CREATE INDEX outbox_updated ON outbox (updated_at);
+    CREATE TABLE messages (
+        target TEXT NOT NULL,
+        key TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (target, key)
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );
+    """,
+)
