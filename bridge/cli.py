@@ -113,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("target")
 
     p = sub.add_parser(
+        "track",
+        help="make a source follow task ids it cannot list (relays such as new-api)",
+        description="Follow these task ids of SOURCE. Hands them to a running bridge through its "
+        "POST /track endpoint when one answers; otherwise stores them for the next start.",
+    )
+    config_arg(p)
+    db_arg(p)
+    p.add_argument("source")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+    p = sub.add_parser(
         "dlq",
         help="dead letters: list them or put them back in the outbox",
         description="Dead letters are deliveries that failed for good (max_attempts, max_age or a "
@@ -196,6 +207,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             config = load_config(args.config)
             return asyncio.run(send_test_command(config, args.target))
+        case "track":
+            from bridge.passthrough import track_command
+
+            config = load_config(args.config)
+            return asyncio.run(track_command(config, args.db, args.source, args.ids))
         case "dlq":
             from bridge.dlq import dlq_command
 

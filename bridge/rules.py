@@ -297,6 +297,13 @@ class Router:
         self._throttled = {k: v for k, v in self._throttled.items() if v > now}
         self._windows = {k: v for k, v in self._windows.items() if v > now - 3600.0}
 
+    def cancels(self, event: Event) -> list[str]:
+        """The `cancel: true` rules that match `event`, as routing reaches them (`stop` holds)."""
+        wanted = {rule.name for rule in self._rules if rule.config.cancel}
+        if not wanted:
+            return []
+        return [m.rule for m in self.explain(event) if m.matched and m.rule in wanted]
+
     def explain(self, event: Event) -> list[Match]:
         """What every rule makes of `event`, without touching throttle or digest memory."""
         matches: list[Match] = []

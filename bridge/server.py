@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.config import AppriseTargetConfig
 from bridge.errors import Redactor
+from bridge.passthrough import add_routes
 from bridge.sources.normalize import normalize_task
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ def build_app(bridge: Bridge) -> web.Application:
     app.router.add_get("/", status_page)
     app.router.add_post("/dlq/replay", replay)
     app.router.add_get("/static/style.css", stylesheet)
+    add_routes(app, bridge)  # /mj/... pass-through to the upstream, POST /track/{source}
     return app
 
 

@@ -302,7 +302,7 @@ class Watcher:
         for event in events:
             if event.type != EventType.STALLED:
                 continue
-            rules = cancel_rules(self.pipeline.router, event)
+            rules = self.pipeline.router.cancels(event)
             if not rules:
                 continue
             requested = self.clock()
@@ -335,18 +335,6 @@ class Watcher:
 
 SEED_LIMIT = 200  # seeds asked per change at most (a backfill of 100k successes asks none beyond)
 SEED_CONCURRENCY = 8
-
-
-def cancel_rules(router: Router, event: Event) -> list[str]:
-    """The names of the rules with `cancel: true` that match `event` (stop honoured)."""
-    method = getattr(router, "cancels", None)
-    if callable(method):
-        return list(method(event))
-    # Router has no public list of its rules' configs yet; its compiled rules carry them.
-    names = {rule.name for rule in getattr(router, "_rules", ()) if rule.config.cancel}
-    if not names:
-        return []
-    return [m.rule for m in router.explain(event) if m.matched and m.rule in names]
 
 
 def _placeholder(state: TaskState) -> bool:
