@@ -1,7 +1,7 @@
 """The driver between the source and the outbox: per source, the task states, a poll loop paced by
 `poll_interval`, and `apply()`, which polls, push callbacks and tracked ids all go through:
-snapshot -> diff -> (seed enrichment) -> rules -> one store transaction -> wake the deliverer
--> (upstream actions of rules: cancel).
+snapshot -> diff -> (actions.py: seeds) -> rules -> one store transaction -> wake the deliverer
+-> (actions.py: what rules ask of the upstream, cancel).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from bridge.actions import UpstreamActions
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot, TaskState, diff
 from bridge.errors import SourceError
 from bridge.metrics import Metrics
-from bridge.models import Event, EventType, iso
+from bridge.models import Event
 from bridge.rules import Router
 from bridge.sources.health import SourceHealth
 from bridge.sources.modes import Reader
@@ -100,15 +100,15 @@ class Watcher:
         self._lock = asyncio.Lock()
         self._loaded = False
         self._fresh: set[str] = set()  # tracked ids never seen upstream yet
-        self._cancels: dict[
-            str, dict[str, Any]
-        ] = {}  # task id -> the cancel its next event carries
+        self._open: set[str] = set()  # ids of the unfinished tasks, kept with `states`
+        self.actions = UpstreamActions(config, source, clock)
 
     async def load(self) -> None:
         if not self._loaded:
             self.states = await self.pipeline.store.load_tasks(self.config.name)
             self._seen = await self.pipeline.store.source_seen(self.config.name)
             self._fresh = {tid for tid, st in self.states.items() if _placeholder(st)}
+            self._open = {tid for tid, st in self.states.items() if not st.finished}
             self._loaded = True
             self._count()
 
@@ -122,14 +122,23 @@ class Watcher:
             new = {tid: st for tid, st in new.items() if tid not in self.states}
             if new:
                 await self.pipeline.publish(self.config.name, new, [], now=now, seen=self._seen)
-                self.states.update(new)
+                self._record(new)
                 self._fresh.update(new)
                 self._count()
                 log.info("%s: tracking %d new task id(s)", self.config.name, len(new))
             return list(new)
 
     def unfinished(self) -> list[str]:
-        return [tid for tid, st in self.states.items() if not st.finished]
+        return list(self._open)
+
+    def _record(self, changed: Mapping[str, TaskState]) -> None:
+        """Take the states a commit wrote; the unfinished index follows without a full scan."""
+        self.states.update(changed)
+        for tid, st in changed.items():
+            if st.finished:
+                self._open.discard(tid)
+            else:
+                self._open.add(tid)
 
     async def apply(self, snapshot: Snapshot, extra: Sequence[Event] = ()) -> list[Event]:
         """Diff one snapshot against the states and commit states, events and deliveries; then
@@ -138,7 +147,7 @@ class Watcher:
         async with self._lock:
             new = await self._apply(snapshot, extra)
         if new:
-            await self._act(new)
+            await self.actions.act(new, self.pipeline.router)
         return new
 
     async def _apply(self, snapshot: Snapshot, extra: Sequence[Event]) -> list[Event]:
@@ -162,13 +171,11 @@ class Watcher:
         events = [*extra, *result.events]
         if not result.changed and not events and self._seen:
             return []
-        self._finish(events)
-        if "seed" in self.config.enrich:
-            await self._seeds(events)
+        await self.actions.finish(events)
         new = await self.pipeline.publish(
             self.config.name, result.changed, events, now=now, seen=True
         )
-        self.states.update(result.changed)
+        self._record(result.changed)
         if self._fresh:
             self._fresh -= {tid for tid, st in result.changed.items() if st.finished}
         if silent and result.changed:
@@ -180,23 +187,6 @@ class Watcher:
         self._seen = True
         self._count()
         return new
-
-    def _finish(self, events: list[Event]) -> None:
-        """Last touches on the events of one change: the bridge's own push token never leaves in
-        a task's notifyHook, and a cancel the bridge asked for rides on the task's next event."""
-        token = self.config.push_token
-        for event in events:
-            task = event.task
-            if token and task is not None:
-                props = task.get("properties")
-                if isinstance(props, dict):
-                    hook = props.get("notifyHook")
-                    if isinstance(hook, str) and token in hook:
-                        task["properties"] = {**props, "notifyHook": hook.replace(token, "***")}
-            if self._cancels and event.type != EventType.STALLED:
-                cancel = self._cancels.pop(event.subject, None)
-                if cancel is not None:
-                    event.data["cancel"] = cancel
 
     async def push(self, tasks: list[dict[str, Any]]) -> list[Event]:
         """A push callback: a partial snapshot, diffed like a poll."""
@@ -253,88 +243,12 @@ class Watcher:
             self.status.mode_reason = why
         return self.reader
 
-    async def _seeds(self, events: list[Event]) -> None:
-        """enrich: [seed]: the seed of each newly succeeded task, asked once. A failure is logged
-        and the event goes without it."""
-        wanted = [
-            e
-            for e in events
-            if e.type == EventType.SUCCEEDED and e.task is not None and not e.task.get("seed")
-        ]
-        if not wanted:
-            return
-        if len(wanted) > SEED_LIMIT:
-            log.info(
-                "%s: %d tasks succeeded at once (a backfill?): seeds asked for the newest %d only",
-                self.config.name,
-                len(wanted),
-                SEED_LIMIT,
-            )
-            wanted = wanted[-SEED_LIMIT:]
-        gate = asyncio.Semaphore(SEED_CONCURRENCY)
-
-        async def one(event: Event) -> None:
-            assert event.task is not None
-            async with gate:
-                try:
-                    seed = await self.source.image_seed(event.subject)
-                except SourceError as exc:
-                    log.warning(
-                        "%s: no seed for task %s (%s): %s",
-                        self.config.name,
-                        event.subject,
-                        exc.reason,
-                        exc,
-                    )
-                    return
-            if seed is None:
-                log.info(
-                    "%s: the upstream has no seed for task %s", self.config.name, event.subject
-                )
-            else:
-                event.task["seed"] = seed
-
-        await asyncio.gather(*(one(e) for e in wanted))
-
-    async def _act(self, events: Sequence[Event]) -> None:
-        """Rules with `cancel: true` on task.stalled: POST /mj/task/{id}/cancel once per stall;
-        what happened rides on the task's next event as data.cancel."""
-        for event in events:
-            if event.type != EventType.STALLED:
-                continue
-            rules = self.pipeline.router.cancels(event)
-            if not rules:
-                continue
-            requested = self.clock()
-            try:
-                ok, answer = await self.source.cancel(event.subject)
-            except SourceError as exc:
-                ok, answer = False, f"{exc.reason}: {exc}"
-            log.log(
-                logging.INFO if ok else logging.WARNING,
-                "%s: cancel of stalled task %s (rule %s): %s",
-                self.config.name,
-                event.subject,
-                ", ".join(rules),
-                "accepted" if ok else f"refused: {answer}",
-            )
-            self._cancels[event.subject] = {
-                "requested_at": iso(datetime.fromtimestamp(requested, UTC)),
-                "rule": rules[0],
-                "ok": ok,
-                "answer": answer,
-            }
-
     def _outage(self) -> tuple[str, int, str | None]:
         return self.config.name, self.health.failures, self.health.reason
 
     def _count(self) -> None:
         self.status.tracked = len(self.states)
-        self.status.unfinished = sum(1 for st in self.states.values() if not st.finished)
-
-
-SEED_LIMIT = 200  # seeds asked per change at most (a backfill of 100k successes asks none beyond)
-SEED_CONCURRENCY = 8
+        self.status.unfinished = len(self._open)
 
 
 def _placeholder(state: TaskState) -> bool:
