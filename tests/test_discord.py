@@ -464,3 +464,13 @@ async def test_thread_id_is_passed_on(api: ChatAPI, session: aiohttp.ClientSessi
     post, patch = api.of("discord")
     assert post.query == {"wait": "true", "thread_id": "77"}
     assert patch.query == {"thread_id": "77"}
+
+
+async def test_send_test_posts_one_message(api: ChatAPI, session: aiohttp.ClientSession) -> None:
+    from bridge.dlq import send_test
+
+    outcome = await send_test("art", config(api), session)
+    assert outcome.startswith("art: accepted the test notification")
+    [call] = api.of("discord")
+    assert embed_of(call)["title"] == "mj-bridge test notification"
+    assert api.discord_messages  # a one-off message, nothing kept to edit
