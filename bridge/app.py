@@ -16,9 +16,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bridge.config import Config, ConfigWatcher
+from bridge.config import Config, ConfigWatcher, SourceConfig
 from bridge.deliver import Deliverer
 from bridge.errors import ConfigError
+from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics
 from bridge.models import Event
@@ -86,7 +87,9 @@ class Bridge:
     async def _run_config(
         self, config: Config, store: Store, session: aiohttp.ClientSession
     ) -> None:
-        targets = {name: build_target(name, cfg, session) for name, cfg in config.targets.items()}
+        targets = {
+            name: build_target(name, cfg, session, store) for name, cfg in config.targets.items()
+        }
         deliverer = Deliverer(store, targets, config.targets)
         pipeline = Pipeline(
             store, Router(config), deliverer.wake, [self.metrics.event, *self.on_event]
@@ -109,7 +112,10 @@ class Bridge:
 
                 await stack.enter_async_context(serve(self, config.server.listen))
             async with asyncio.TaskGroup() as group:
-                polls = [group.create_task(w.run()) for w in watchers.values()]
+                polls = [
+                    group.create_task(self._lead(s, store, session, pipeline, watchers))
+                    for s in config.sources
+                ]
                 delivering = group.create_task(deliverer.run())
                 self._started.set()
                 stop = asyncio.ensure_future(self._stop.wait())
@@ -125,6 +131,35 @@ class Bridge:
                 await deliverer.drain(DRAIN_SECONDS)
                 delivering.cancel()
         self._started.clear()
+
+    async def _lead(
+        self,
+        source: SourceConfig,
+        store: Store,
+        session: aiohttp.ClientSession,
+        pipeline: Pipeline,
+        watchers: dict[str, Watcher],
+    ) -> None:
+        """Poll `source` while this process holds its lease (at once with SQLite: one process).
+        Each later leadership polls with a new Watcher, its states loaded from the shared store."""
+        first = True
+
+        async def poll() -> None:
+            nonlocal first
+            if not first:
+                watchers[source.name] = Watcher(
+                    source, PollingSource(source, session), pipeline, metrics=self.metrics
+                )
+            first = False
+            watcher = watchers[source.name]
+            watcher.leading = True
+            try:
+                await watcher.run()
+            finally:
+                watcher.leading = False
+
+        ttl = lease_ttl(source.poll_interval)
+        await while_leader(store, source_lease(source.name), store.holder, ttl, poll)
 
 
 async def run_service(config: Config, db: str, config_path: Path) -> None:

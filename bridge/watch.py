@@ -102,9 +102,12 @@ class Watcher:
         self._fresh: set[str] = set()  # tracked ids never seen upstream yet
         self._open: set[str] = set()  # ids of the unfinished tasks, kept with `states`
         self.actions = UpstreamActions(config, source, clock)
+        # False on a replica that does not hold the source's lease: its states may be stale, so
+        # a push or a track there reads them from the shared store first.
+        self.leading = False
 
     async def load(self) -> None:
-        if not self._loaded:
+        if not self._loaded or not self.leading:
             self.states = await self.pipeline.store.load_tasks(self.config.name)
             self._seen = await self.pipeline.store.source_seen(self.config.name)
             self._fresh = {tid for tid, st in self.states.items() if _placeholder(st)}

@@ -88,8 +88,9 @@ async def test_sigkill_at_any_moment_loses_nothing(tmp_path: Path, mode: str) ->
             for i in range(8):
                 ids.append(sim.add_task(f"task {round_}.{i}", outcome=outcomes[i % 5], steps=4))
             proc = await start(config, db)
-            # Kill only once the bridge is live: polling, committing and delivering.
-            await _next_request(receiver, sim)
+            # Kill only once the bridge is live: polling, committing and delivering (the new
+            # tasks wait at NOT_START, so a live bridge has their task.submitted to deliver).
+            await receiver.wait_for(len(receiver.requests) + 1, within=60)
             for _ in range(rng.randint(1, 4)):
                 await asyncio.sleep(rng.uniform(0.05, 0.25))
                 sim.tick()
