@@ -23,6 +23,11 @@ class Row:
     peer: str = "—"
     ratio: str = "—"
     target: str = ""
+    short: str = ""  # the figure's name in the README's compact table; `figure` when empty
+
+    @property
+    def label(self) -> str:
+        return self.short or self.figure
 
 
 def median_time(fn: Callable[[], object], repeat: int) -> float:

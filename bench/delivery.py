@@ -182,6 +182,7 @@ def run(quick: bool = False) -> list[Row]:
             fmt_rate(rates["bare"]),
             f"{share:.0%}",
             ">= 50%: " + ("met" if share >= 0.5 else "NOT met"),
+            short=f"Delivery, {events:,} events via the outbox, vs bare aiohttp",
         ),
         Row(
             f"Delivery vs apprise json:// `notify` (sync, {apprise_events} messages)",
@@ -189,6 +190,7 @@ def run(quick: bool = False) -> list[Row]:
             fmt_rate(rates["sync"]),
             ratio(ours_rate, rates["sync"]),
             ">= 5x: " + ("met" if ours_rate >= 5 * rates["sync"] else "NOT met"),
+            short="Delivery vs apprise json:// notify",
         ),
         Row(
             f"Delivery vs apprise json:// `async_notify` ({apprise_events} messages, "
@@ -197,5 +199,6 @@ def run(quick: bool = False) -> list[Row]:
             fmt_rate(rates["async"]),
             ratio(ours_rate, rates["async"]),
             ">= 5x: " + ("met" if ours_rate >= 5 * rates["async"] else "NOT met"),
+            short="Delivery vs apprise json:// async_notify",
         ),
     ]

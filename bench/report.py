@@ -23,10 +23,10 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], *, short: bool = False) -> str:
     lines = ["| figure | ours | peer | ratio | target |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        cells = (r.figure, r.ours, r.peer, r.ratio, r.target or "—")
+        cells = (r.label if short else r.figure, r.ours, r.peer, r.ratio, r.target or "—")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -92,8 +92,9 @@ def readme_block(sections: dict[str, list[Row]], env: str) -> str:
     rows = [r for rows in sections.values() for r in rows]
     return "\n".join(
         [
-            table(rows),
+            table(rows, short=True),
             "",
+            "Ratio = ours ÷ peer (lower is better for times and bytes, higher for rates). "
             f"{env} Reproduce with `make bench` (about 3 minutes); the full results are in "
             "[bench/results.md](bench/results.md).",
         ]
