@@ -1,321 +1,45 @@
-"""Config stage: rules.yaml as pydantic models (unknown keys refused), `${VAR}` substitution,
-durations and rates; `load_config` reports every problem at once as FILE:LINE:COL, and
-`ConfigWatcher` swaps in a new file only after it validates.
+"""Reading rules.yaml: YAML 1.2 with every node's position, pydantic errors and the cross-checks a
+schema cannot see, all reported at once as FILE:LINE:COL problems.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import bisect
-import hashlib
 import logging
 import os
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ByteSize,
-    ConfigDict,
-    Field,
     ValidationError,
-    field_validator,
 )
 
 from bridge import rules, templates
+from bridge.config.schema import (
+    _ENV,
+    TARGET_KINDS,
+    AppriseTargetConfig,
+    Config,
+    DiscordTargetConfig,
+    GroupConfig,
+    RuleConfig,
+    ServerConfig,
+    SlackTargetConfig,
+    SourceConfig,
+    WebhookTargetConfig,
+    _as_list,
+    _env_value,
+    _target_kind,
+)
 from bridge.errors import ConfigError, Problem
 from bridge.models import EVENT_TYPES
-
-__all__ = [
-    "AppriseTargetConfig",
-    "ChatTargetCommon",
-    "Config",
-    "ConfigError",
-    "ConfigWatcher",
-    "DiscordTargetConfig",
-    "GroupConfig",
-    "Problem",
-    "RuleConfig",
-    "ServerConfig",
-    "SlackTargetConfig",
-    "SourceConfig",
-    "TargetCommon",
-    "TargetConfig",
-    "WebhookTargetConfig",
-    "check",
-    "load_config",
-    "parse_duration",
-    "parse_rate",
-    "substitute_env",
-    "watch_config",
-]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> float:
-    """`250ms`, `5s`, `2m`, `1h`, `1d`, or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration such as 250ms, 5s, 2m or 1h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m[1]) * _UNITS[m[2]]
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
-        return float(value)  # a bare number of seconds, e.g. from ${POLL:-5}
-    raise ValueError(f"{value!r} is not a duration such as 250ms, 5s, 2m or 1h")
-
-
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(ms|s|sec|second|m|min|minute|h|hour)\s*$")
-_RATE_UNITS = {
-    "ms": 0.001,
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-}
-
-
-def parse_rate(value: object) -> tuple[int, float]:
-    """`30/min` -> (30, 60.0): at most 30 sends per 60 seconds."""
-    if isinstance(value, str) and (m := _RATE.match(value)):
-        count = int(m[1])
-        if count <= 0:
-            raise ValueError("a rate needs at least 1 per period")
-        return count, _RATE_UNITS[m[2]]
-    raise ValueError(f"{value!r} is not a rate such as 30/min, 5/s or 100/h")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Rate = Annotated[tuple[int, float], BeforeValidator(parse_rate)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class SourceConfig(Strict):
-    name: str = Field(pattern=r"^[a-z0-9_-]+$")
-    base_url: str
-    api_key: str | None = None
-    auth: Literal["bearer", "mj-api-secret", "raw", "none"] = "bearer"
-    poll_interval: Duration = 5.0
-    timeout: Duration = 10.0
-    backfill: bool = False
-    stall_after: Duration = 600.0
-    push_token: str | None = None
-    mode: Literal["auto", "list", "active", "ids"] = "auto"
-    full_every: Duration = 600.0
-    enrich: list[Literal["seed"]] = Field(default_factory=list)
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
-            # The value is not echoed: it may carry credentials.
-            raise ValueError("base_url must be an http:// or https:// URL")
-        return value.rstrip("/")
-
-
-class TargetCommon(Strict):
-    timeout: Duration = 10.0
-    max_attempts: int = Field(default=8, ge=1)
-    max_age: Duration = 86400.0
-    rate_limit: Rate | None = None
-    concurrency: int = Field(default=4, ge=1, le=64)
-
-
-class AppriseTargetConfig(TargetCommon):
-    kind: Literal["apprise"] = "apprise"
-    url: str
-    attach_image: bool = False
-
-
-class WebhookTargetConfig(TargetCommon):
-    kind: Literal["webhook"] = "webhook"
-    webhook: str
-    secret: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-# A Discord webhook URL: https://discord.com/api/webhooks/{id}/{token}, optionally ?thread_id=...
-DISCORD_WEBHOOK = re.compile(
-    r"^https://(?:(?:ptb|canary)\.)?discord(?:app)?\.com/api(?:/v\d+)?/webhooks/"
-    r"(?P<id>\d+)/(?P<token>[A-Za-z0-9_-]+)/?(?:\?(?P<query>[^#]*))?$"
-)
-
-
-def _api_base(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError("api_base must be an http:// or https:// URL")
-    return value.rstrip("/")
-
-
-class ChatTargetCommon(TargetCommon):
-    """What the chat targets share: one message per task, edited in place."""
-
-    min_edit_interval: Duration = 2.0  # at most one edit of a task's message this often
-    attach_image: bool = False  # download the final image and upload it with the message
-    max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)  # 8MiB; larger images are linked
-
-
-class DiscordTargetConfig(ChatTargetCommon):
-    kind: Literal["discord"] = "discord"
-    discord: str  # the channel's webhook URL (Server Settings > Integrations > Webhooks)
-    api_base: str = "https://discord.com/api/v10"
-
-    @field_validator("discord")
-    @classmethod
-    def _webhook_url(cls, value: str) -> str:
-        if not DISCORD_WEBHOOK.match(value.strip()):
-            # The value is not echoed: it carries the webhook token.
-            raise ValueError(
-                "must be a Discord webhook URL: https://discord.com/api/webhooks/ID/TOKEN"
-            )
-        return value.strip()
-
-    _api = field_validator("api_base")(_api_base)
-
-    @property
-    def webhook_id(self) -> str:
-        m = DISCORD_WEBHOOK.match(self.discord)
-        assert m is not None  # checked by the validator
-        return m["id"]
-
-    @property
-    def webhook_token(self) -> str:
-        m = DISCORD_WEBHOOK.match(self.discord)
-        assert m is not None
-        return m["token"]
-
-    @property
-    def thread_id(self) -> str | None:
-        m = DISCORD_WEBHOOK.match(self.discord)
-        query = m["query"] if m else None
-        found = re.search(r"(?:^|&)thread_id=(\d+)", query or "")
-        return found[1] if found else None
-
-
-class SlackTargetConfig(ChatTargetCommon):
-    kind: Literal["slack"] = "slack"
-    slack: str = Field(min_length=1)  # the channel: "#name" or an id such as C0123456789
-    token: str = Field(min_length=1)  # a bot token, xoxb-...; needs chat:write (files:write)
-    api_base: str = "https://slack.com/api"
-
-    _api = field_validator("api_base")(_api_base)
-
-
-TargetConfig = AppriseTargetConfig | WebhookTargetConfig | DiscordTargetConfig | SlackTargetConfig
-TARGET_KINDS: tuple[str, ...] = ("apprise", "webhook", "discord", "slack")
-
-
-def _target_kind(value: Any) -> Any:
-    """A string is an apprise URL; a mapping is told apart by its main key (`webhook:`,
-    `discord:`, `slack:`; else `url:`, apprise)."""
-    if isinstance(value, str):
-        return {"kind": "apprise", "url": value}
-    if isinstance(value, dict) and "kind" not in value:
-        for kind in ("webhook", "discord", "slack"):
-            if kind in value:
-                return {"kind": kind, **value}
-        return {"kind": "apprise", **value}
-    return value
-
-
-class GroupConfig(Strict):
-    by: list[str] = Field(default_factory=lambda: ["source"])
-    wait: Duration = 30.0
-
-
-def _as_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
-class RuleConfig(Strict):
-    name: str
-    on: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=lambda: ["*"])
-    when: dict[str, Any] = Field(default_factory=dict)
-    to: Annotated[list[str], BeforeValidator(_as_list)]
-    title: str | None = None
-    body: str | None = None
-    throttle: Duration | None = None
-    group: GroupConfig | None = None
-    stop: bool = False
-    cancel: bool = False
-
-
-class ServerConfig(Strict):
-    listen: str = "127.0.0.1:8787"
-
-
-class Config(Strict):
-    sources: list[SourceConfig] = Field(default_factory=list)
-    targets: dict[
-        str,
-        Annotated[TargetConfig, Field(discriminator="kind"), BeforeValidator(_target_kind)],
-    ] = Field(default_factory=dict)
-    rules: list[RuleConfig] = Field(default_factory=list)
-    server: ServerConfig | None = None
-
-    def secrets(self) -> list[str]:
-        """Every configured value that must never reach a log, an error or a page."""
-        found: list[str] = []
-        for s in self.sources:
-            found += [v for v in (s.api_key, s.push_token) if v]
-        for t in self.targets.values():
-            match t:
-                case AppriseTargetConfig(url=url):
-                    found.append(url)
-                case WebhookTargetConfig(secret=secret, headers=headers):
-                    found += [v for v in (secret, *headers.values()) if v]
-                case DiscordTargetConfig():
-                    found += [t.discord, t.webhook_token]
-                case SlackTargetConfig(token=token):
-                    found.append(token)
-        return found
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _env_value(name: str, default: str | None, env: dict[str, str]) -> str | None:
-    """`${VAR:-default}` as in the shell: the default when VAR is unset or empty."""
-    value = env.get(name)
-    if value:
-        return value
-    if default is not None:
-        return default
-    return value
-
-
-def substitute_env(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """Replace `${VAR}` and `${VAR:-default}`; returns the text and the names that were missing."""
-    env = dict(os.environ) if env is None else env
-    missing: list[str] = []
-
-    def repl(m: re.Match[str]) -> str:
-        value = _env_value(m[1], m[2], env)
-        if value is None:
-            missing.append(m[1])
-        return value or ""
-
-    return _ENV.sub(repl, text), missing
-
 
 # --- reading YAML with positions ---------------------------------------------------------------
 
@@ -737,68 +461,3 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     if problems or config is None:
         raise ConfigError(problems)
     return config
-
-
-# --- live reload -------------------------------------------------------------------------------
-
-
-class ConfigWatcher:
-    """Reloads rules.yaml when its content changes (polled) or when asked (`check_now(force=True)`
-    on SIGHUP). A new config is validated whole before `on_change` sees it; an invalid one goes to
-    `on_error` once per distinct content and the old config keeps running."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        on_change: Callable[[Config], None],
-        on_error: Callable[[ConfigError], None],
-        *,
-        interval: float = 1.0,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.interval = interval
-        self._on_change = on_change
-        self._on_error = on_error
-        self._env = env
-        self._digest = self._read_digest()  # the content the running config came from
-
-    def _read_digest(self) -> str | None:
-        try:
-            return hashlib.blake2b(self.path.read_bytes(), digest_size=16).hexdigest()
-        except OSError:
-            return None
-
-    def check_now(self, *, force: bool = False) -> Config | None:
-        """Reload if the file changed (or always, with force). Returns the new config if one was
-        swapped in."""
-        digest = self._read_digest()
-        if digest == self._digest and not force:
-            return None
-        self._digest = digest
-        try:
-            config = load_config(self.path, self._env)
-        except ConfigError as exc:
-            self._on_error(exc)
-            return None
-        self._on_change(config)
-        return config
-
-    def reload_now(self) -> Config | None:
-        """For SIGHUP: validate and swap in the file as it is now, changed or not."""
-        return self.check_now(force=True)
-
-    async def run(self) -> None:
-        """Poll until cancelled."""
-        while True:
-            await asyncio.sleep(self.interval)
-            self.check_now()
-
-
-async def watch_config(
-    path: str | Path,
-    on_change: Callable[[Config], None],
-    on_error: Callable[[ConfigError], None],
-    interval: float = 1.0,
-) -> None:
-    await ConfigWatcher(path, on_change, on_error, interval=interval).run()

@@ -1,0 +1,49 @@
+"""Config stage: rules.yaml as pydantic models (unknown keys refused), `${VAR}` substitution,
+durations and rates (`schema`); `load_config` reports every problem at once as FILE:LINE:COL
+(`load`); `ConfigWatcher` swaps in a new file only after it validates (`reload`).
+"""
+
+from bridge.config.load import check, load_config
+from bridge.config.reload import ConfigWatcher, watch_config
+from bridge.config.schema import (
+    AppriseTargetConfig,
+    ChatTargetCommon,
+    Config,
+    DiscordTargetConfig,
+    GroupConfig,
+    RuleConfig,
+    ServerConfig,
+    SlackTargetConfig,
+    SourceConfig,
+    TargetCommon,
+    TargetConfig,
+    WebhookTargetConfig,
+    parse_duration,
+    parse_rate,
+    substitute_env,
+)
+from bridge.errors import ConfigError, Problem
+
+__all__ = [
+    "AppriseTargetConfig",
+    "ChatTargetCommon",
+    "Config",
+    "ConfigError",
+    "ConfigWatcher",
+    "DiscordTargetConfig",
+    "GroupConfig",
+    "Problem",
+    "RuleConfig",
+    "ServerConfig",
+    "SlackTargetConfig",
+    "SourceConfig",
+    "TargetCommon",
+    "TargetConfig",
+    "WebhookTargetConfig",
+    "check",
+    "load_config",
+    "parse_duration",
+    "parse_rate",
+    "substitute_env",
+    "watch_config",
+]
