@@ -11,8 +11,6 @@ from bridge.config.load import load_config
 from bridge.config.schema import Config
 from bridge.errors import ConfigError
 
-# --- live reload -------------------------------------------------------------------------------
-
 
 class ConfigWatcher:
     """Reloads rules.yaml when its content changes (polled) or when asked (`check_now(force=True)`
