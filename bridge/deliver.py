@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 600.0
+# Acks wait this long for company before they are written: one transaction then marks a few
+# hundred sends instead of a few each, which leaves the database to claims. A crash in between
+# only re-sends them, under the same webhook-id.
+ACK_GATHER = 0.05
+ACK_BATCH = 1024
 
 
 def backoff(attempts: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
@@ -122,6 +127,7 @@ class Deliverer:
         self._idle = idle
         self._acks: list[str] = []
         self._ack_signal = asyncio.Event()
+        self._ack_full = asyncio.Event()
         self._lanes_done = False
         self._stopping = False
         self._running = False
@@ -150,6 +156,7 @@ class Deliverer:
                 finally:
                     self._lanes_done = True
                     self._ack_signal.set()
+                    self._ack_full.set()
         finally:
             try:
                 # Acks first: a delivery the target accepted must not be handed back as unsent.
@@ -188,55 +195,58 @@ class Deliverer:
         batch = max(256, 8 * concurrency)
         if lane.config.rate_limit is not None:
             batch = max(2, min(batch, 2 * lane.config.rate_limit[0]))
+        low = batch // 2
         waiting: deque[list[OutboxItem]] = deque()
+        ready = asyncio.Event()  # `waiting` has work, or the lane is stopping
+
+        async def sender() -> None:
+            # `concurrency` long-lived senders rather than a task per send: on a busy target
+            # the per-send cost is the send itself.
+            while True:
+                while not waiting:
+                    if self._stopping:
+                        return
+                    ready.clear()
+                    await ready.wait()
+                if self._stopping:
+                    return
+                unit = waiting.popleft()
+                if len(waiting) < low:
+                    lane.signal.set()  # the claimer tops the queue up
+                await self._deliver(lane, unit)
 
         async with asyncio.TaskGroup() as tg:
-
-            def launch() -> None:
-                while waiting and len(lane.active) < concurrency and not self._stopping:
-                    send = self._deliver(lane, waiting[0])
-                    try:
-                        task = tg.create_task(send)
-                    except RuntimeError:  # the group is shutting down after an error
-                        send.close()
-                        return
-                    waiting.popleft()
-                    lane.active.add(task)
-                    task.add_done_callback(finished)
-
-            def finished(task: asyncio.Task[None]) -> None:
-                # The next send starts here, not in the loop below: the loop may be waiting on
-                # the database, and a free slot should not wait with it.
-                lane.active.discard(task)
-                launch()
-                lane.signal.set()
-
-            while not self._stopping:
-                # Cleared before looking at the state: anything that changes it sets it again.
-                lane.signal.clear()
-                launch()
-                # Claim the next batch while half of this one is still queued, so sends never
-                # wait for a claim; after an empty claim, only once woken or due.
-                if len(waiting) < batch // 2 and (lane.fresh or time.time() >= lane.look_at):
-                    lane.fresh = False
-                    items = await self._store.claim(lane.name, time.time(), batch)
-                    if items:
-                        lane.fresh = True  # there may be more
-                        lane.held.update(i.id for i in items)
-                        waiting.extend(units(items))
-                        continue
-                    due = await self._store.next_due(lane.name)
-                    lane.look_at = time.time() + self._idle
-                    if due is not None:
-                        lane.look_at = min(lane.look_at, due)
-                timeout = None  # a full queue waits for sends to finish
-                if len(waiting) < batch // 2:
-                    timeout = max(0.0, lane.look_at - time.time())
-                if self._stopping:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await lane.signal.wait()
+            lane.active = {tg.create_task(sender()) for _ in range(concurrency)}
+            try:
+                while not self._stopping:
+                    # Cleared before looking at the state: anything that changes it sets it again.
+                    lane.signal.clear()
+                    # Claim the next batch while half of this one is still queued, so sends never
+                    # wait for a claim; after an empty claim, only once woken or due.
+                    if len(waiting) < low and (lane.fresh or time.time() >= lane.look_at):
+                        lane.fresh = False
+                        items = await self._store.claim(lane.name, time.time(), batch)
+                        if items:
+                            lane.fresh = True  # there may be more
+                            lane.held.update(i.id for i in items)
+                            waiting.extend(units(items))
+                            ready.set()
+                            continue
+                        due = await self._store.next_due(lane.name)
+                        lane.look_at = time.time() + self._idle
+                        if due is not None:
+                            lane.look_at = min(lane.look_at, due)
+                    timeout = None  # a full queue waits for the senders to drain it
+                    if len(waiting) < low:
+                        timeout = max(0.0, lane.look_at - time.time())
+                    if self._stopping:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout):
+                            await lane.signal.wait()
+            finally:
+                ready.set()  # idle senders see `_stopping` and return; busy ones finish first
+        lane.active = set()
         # Claimed but never started: they stay in `held` and run() hands them back.
 
     async def _deliver(self, lane: _Lane, unit: list[OutboxItem]) -> None:
@@ -261,6 +271,8 @@ class Deliverer:
             lane.held.difference_update(ids)
             self._acks.extend(ids)
             self._ack_signal.set()
+            if len(self._acks) >= ACK_BATCH:
+                self._ack_full.set()
             self.counts[(lane.name, "sent")] += len(ids)
             return
         await self._failed(lane, unit, error)
@@ -299,7 +311,12 @@ class Deliverer:
         being written goes into the next, so a busy target costs one transaction per batch."""
         while True:
             await self._ack_signal.wait()
+            if not self._lanes_done and len(self._acks) < ACK_BATCH:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ACK_GATHER):
+                        await self._ack_full.wait()
             self._ack_signal.clear()
+            self._ack_full.clear()
             await self._flush_acks()
             if self._lanes_done:
                 return

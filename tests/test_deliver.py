@@ -298,7 +298,19 @@ def test_backoff_is_full_jitter_with_a_cap() -> None:
 def test_units_group_digests_and_keep_order() -> None:
     def it(n: int, group: str | None) -> OutboxItem:
         e = make_event(n)
-        return OutboxItem(f"{n}", "t", "r", e, "", "", group, 0, 0.0, 0.0, None)
+        return OutboxItem(
+            id=f"{n}",
+            target="t",
+            rule="r",
+            event=e,
+            title="",
+            body="",
+            group=group,
+            attempts=0,
+            created_at=0.0,
+            next_at=0.0,
+            last_error=None,
+        )
 
     got = units([it(1, None), it(2, "g"), it(3, None), it(4, "g"), it(5, "h")])
     assert [[i.id for i in u] for u in got] == [["1"], ["2", "4"], ["3"], ["5"]]

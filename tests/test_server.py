@@ -186,6 +186,10 @@ async def test_healthz_and_metrics(
     assert status == 200
     await rx.wait_for(1)
     await eventually(lambda: bridge.running.deliverer.counts[("hook", "sent")] >= 1)
+    for _ in range(250):  # the deliverer records sends in batches
+        if not await bridge.running.store.outbox_depth():
+            break
+        await asyncio.sleep(0.02)
 
     async with http.get(f"{bridge.url}/metrics") as resp:
         assert resp.status == 200

@@ -19,21 +19,103 @@ from bridge.diff import TaskState
 from bridge.models import Delivery, Event
 
 
-@dataclass(frozen=True, slots=True)
 class OutboxItem:
-    """One delivery as the outbox holds it: what to send, and how it went so far."""
+    """One delivery as the outbox holds it: what to send, and how it went so far.
 
-    id: str
-    target: str
-    rule: str
-    event: Event
-    title: str
-    body: str
-    group: str | None
-    attempts: int
-    created_at: float
-    next_at: float
-    last_error: str | None
+    The event travels as the CloudEvents JSON it was stored as (`payload`) and is parsed only when
+    a target asks for `event`: a webhook sends the stored bytes as they are, so claiming and
+    sending a delivery never parses and re-serialises its event (the delivery hot path)."""
+
+    __slots__ = (
+        "_event",
+        "_payload",
+        "attempts",
+        "body",
+        "created_at",
+        "group",
+        "id",
+        "last_error",
+        "next_at",
+        "rule",
+        "target",
+        "title",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        target: str,
+        rule: str,
+        title: str,
+        body: str,
+        group: str | None,
+        attempts: int,
+        created_at: float,
+        next_at: float,
+        last_error: str | None,
+        event: Event | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        if event is None and payload is None:
+            raise ValueError("an OutboxItem needs its event or the event's JSON")
+        self.id = id
+        self.target = target
+        self.rule = rule
+        self.title = title
+        self.body = body
+        self.group = group
+        self.attempts = attempts
+        self.created_at = created_at
+        self.next_at = next_at
+        self.last_error = last_error
+        self._event = event
+        self._payload = payload
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            assert self._payload is not None
+            self._event = Event.from_cloudevent(orjson.loads(self._payload))
+        return self._event
+
+    @property
+    def event_id(self) -> str:
+        """The event's id without parsing it: the outbox id is `{event id}:{target}`."""
+        suffix = ":" + self.target
+        return self.id.removesuffix(suffix) if self.id.endswith(suffix) else self.event.id
+
+    @property
+    def payload(self) -> bytes:
+        """The event as CloudEvents JSON: the webhook body."""
+        if self._payload is None:
+            self._payload = event_json(self.event)
+        return self._payload
+
+    def __repr__(self) -> str:
+        return f"OutboxItem(id={self.id!r}, target={self.target!r}, attempts={self.attempts})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutboxItem):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in _ITEM_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_ITEM_FIELDS = (
+    "id",
+    "target",
+    "rule",
+    "title",
+    "body",
+    "group",
+    "attempts",
+    "created_at",
+    "next_at",
+    "last_error",
+    "event",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +147,7 @@ def item_from_row(row: Sequence[Any]) -> OutboxItem:
         id=row[0],
         target=row[1],
         rule=row[2],
-        event=Event.from_cloudevent(orjson.loads(row[3])),
+        payload=bytes(row[3]),
         title=row[4],
         body=row[5],
         group=row[6],

@@ -90,8 +90,7 @@ class WebhookTarget:
         self._redact = Redactor([v for v in (config.secret, *config.headers.values()) if v])
 
     async def send(self, item: OutboxItem) -> None:
-        body = orjson.dumps(item.event.cloudevent())
-        await self._post(item.event.id, body, "application/json")
+        await self._post(item.event_id, item.payload, "application/json")
 
     async def send_digest(self, items: Sequence[OutboxItem]) -> None:
         """One POST of a CloudEvents batch (a JSON array of events). Its `webhook-id` is derived
