@@ -229,6 +229,10 @@ class Router:
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self._rules = [CompiledRule.build(r) for r in config.rules]
+        # A webhook carries the event itself, never a title or body: no text is rendered for it.
+        self._textless = frozenset(
+            name for name, t in config.targets.items() if t.kind == "webhook"
+        )
         self._clock = clock
         self._throttled: dict[tuple[str, str, str], float] = {}  # (rule, source, subject) -> until
         self._windows: dict[str, float] = {}  # digest group -> when its window closes
@@ -270,7 +274,7 @@ class Router:
         if not targets:
             return []
         claimed.update(targets)
-        title, body = rule.render(event)
+        title, body = ("", "") if self._textless.issuperset(targets) else rule.render(event)
         group, not_before = self._digest(rule, event)
         return [
             Delivery(delivery_id(event.id, t), t, rule.name, event, title, body, group, not_before)
