@@ -270,7 +270,7 @@ async def test_explicit_modes_report_missing_endpoints(tmp_path: Path) -> None:
 
 
 async def test_active_reads_over_100x_fewer_bytes_per_poll_than_list(tmp_path: Path) -> None:
-    """20,000 stored tasks, 50 unfinished (bench/modes.py measures 100,000)."""
+    """20,000 stored tasks, 50 unfinished (bench/upstream.py measures 100,000)."""
     per_poll: dict[str, float] = {}
     for mode in ("list", "active"):
         (tmp_path / mode).mkdir()
