@@ -59,25 +59,9 @@ def parse_task_list(body: bytes) -> list[dict[str, Any]]:
 
 
 def parse_tasks(body: bytes) -> Normalized:
-    """`parse_task_list` and `normalize_tasks` in one pass over the list (the poller's hot path)."""
-    data = _load_array(body)
-    tasks: list[dict[str, Any]] = []
-    dropped: list[Dropped] = []
-    append = tasks.append
-    for index, task in enumerate(data):
-        if type(task) is dict:
-            # Fast path, the shape of nearly every task: a str id and a str status.
-            tid = task.get("id")
-            if type(tid) is str and tid and type(task.get("status")) is str:
-                append(task)
-                continue
-            try:
-                append(normalize_task(task))
-            except ValueError as exc:
-                dropped.append(Dropped(index, str(exc)))
-        else:
-            raise _not_an_object(index, task)
-    return Normalized(tasks, dropped)
+    """`parse_task_list` and `normalize_tasks` in one pass over the list (the poller's hot path);
+    an item that is not an object is a bad payload here, not a dropped task."""
+    return normalize_tasks(_load_array(body), strict=True)
 
 
 def _load_array(body: bytes) -> list[Any]:
@@ -145,8 +129,9 @@ def normalize_task(task: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
-def normalize_tasks(items: list[Any]) -> Normalized:
-    """Normalise a parsed list in place; items without a usable id are dropped with a reason."""
+def normalize_tasks(items: list[Any], *, strict: bool = False) -> Normalized:
+    """Normalise a parsed list in place; items without a usable id are dropped with a reason, and
+    so are items that are not objects (with `strict`, those raise SourceError instead)."""
     tasks: list[dict[str, Any]] = []
     dropped: list[Dropped] = []
     append = tasks.append
@@ -161,6 +146,8 @@ def normalize_tasks(items: list[Any]) -> Normalized:
                 append(normalize_task(task))
             except ValueError as exc:
                 dropped.append(Dropped(index, str(exc)))
+        elif strict:
+            raise _not_an_object(index, task)
         else:
             dropped.append(Dropped(index, f"item is a JSON {_kind(task)}, not an object"))
     return Normalized(tasks, dropped)

@@ -144,13 +144,7 @@ class PollingSource:
         if status == 400 and _code(payload) in (3, 4):
             return None
         _check_status(status, where)
-        _refuse_html(where, content_type, payload)
-        try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise SourceError("bad_payload", f"{where}: the task is not valid JSON") from exc
-        if not isinstance(data, dict):
-            raise SourceError("bad_payload", f"{where}: expected a task object")
+        data = _json_object(where, content_type, payload, "a task object")
         try:
             return normalize_task(data)
         except ValueError as exc:
@@ -182,13 +176,7 @@ class PollingSource:
         if status in (400, 404) and _code(payload) is not None:
             return None
         _check_status(status, where)
-        _refuse_html(where, content_type, payload)
-        try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
-        if not isinstance(data, dict):
-            raise SourceError("bad_payload", f"{where}: expected {{code, description, result}}")
+        data = _json_object(where, content_type, payload, "{code, description, result}")
         result = data.get("result")
         if data.get("code") != 1 or result in (None, ""):
             return None
@@ -196,14 +184,7 @@ class PollingSource:
 
     async def _object(self, method: str, path: str, body: Any) -> tuple[str, dict[str, Any]]:
         where, _, content_type, payload = await self._send(method, path, orjson.dumps(body))
-        _refuse_html(where, content_type, payload)
-        try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
-        if not isinstance(data, dict):
-            raise SourceError("bad_payload", f"{where}: expected a JSON object")
-        return where, data
+        return where, _json_object(where, content_type, payload, "a JSON object")
 
     async def _request(self, method: str, path: str, body: Any = None) -> Normalized:
         data = None if body is None else orjson.dumps(body)
@@ -256,6 +237,18 @@ def _refuse_html(where: str, content_type: str, payload: bytes) -> None:
             f"midjourney-proxy task API (new-api relays do not serve {_LIST}; use mode: ids "
             "or auto, or point base_url at the midjourney-proxy behind the relay)",
         )
+
+
+def _json_object(where: str, content_type: str, payload: bytes, what: str) -> dict[str, Any]:
+    """An answer that must be one JSON object (a task, a seed answer, a query page)."""
+    _refuse_html(where, content_type, payload)
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise SourceError("bad_payload", f"{where}: expected {what}")
+    return data
 
 
 def _code(payload: bytes) -> object:
