@@ -90,7 +90,7 @@ class Bridge:
         targets = {
             name: build_target(name, cfg, session, store) for name, cfg in config.targets.items()
         }
-        deliverer = Deliverer(store, targets, config.targets)
+        deliverer = Deliverer(store, targets, config.targets, on_outcome=self.metrics.delivery)
         pipeline = Pipeline(
             store, Router(config), deliverer.wake, [self.metrics.event, *self.on_event]
         )

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 600.0
+# What each attempt's outcome is called in metrics: a retry is a temporary failure, a dead letter
+# a permanent one (refused for good, or out of attempts or age).
+OUTCOMES = {"sent": "sent", "retry": "temporary_failure", "dead": "permanent_failure"}
 # Acks wait this long for company before they are written: one transaction then marks a few
 # hundred sends instead of a few each, which leaves the database to claims. A crash in between
 # only re-sends them, under the same webhook-id.
@@ -114,8 +117,11 @@ class Deliverer:
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         idle: float = 5.0,
+        on_outcome: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self._store = store
+        # Called with (target, outcome, count), outcome one of OUTCOMES' values: metrics.
+        self._on_outcome = on_outcome
         self._lanes = [
             _Lane(name, target, configs[name], _bucket(configs[name]))
             for name, target in targets.items()
@@ -273,7 +279,7 @@ class Deliverer:
             self._ack_signal.set()
             if len(self._acks) >= ACK_BATCH:
                 self._ack_full.set()
-            self.counts[(lane.name, "sent")] += len(ids)
+            self._count(lane.name, "sent", len(ids))
             return
         await self._failed(lane, unit, error)
 
@@ -291,18 +297,23 @@ class Deliverer:
                 give_up = f"gave up: older than max_age ({lane.config.max_age:g}s)"
             if give_up is not None:
                 await self._store.mark_dead(item.id, f"{message} ({give_up})")
-                self.counts[(lane.name, "dead")] += 1
+                self._count(lane.name, "dead")
                 log.warning("%s: delivery %s is a dead letter: %s", lane.name, item.id, message)
             else:
                 delay = error.retry_after
                 if delay is None:
                     delay = backoff(item.attempts, self._backoff_base, self._backoff_cap)
                 await self._store.mark_retry(item.id, now + delay, message)
-                self.counts[(lane.name, "retry")] += 1
+                self._count(lane.name, "retry")
                 log.info("%s: retry %s in %.2fs: %s", lane.name, item.id, delay, message)
             lane.held.discard(item.id)
         lane.fresh = True  # the next due time may have moved closer
         lane.signal.set()
+
+    def _count(self, target: str, outcome: str, n: int = 1) -> None:
+        self.counts[(target, outcome)] += n
+        if self._on_outcome is not None:
+            self._on_outcome(target, OUTCOMES[outcome], n)
 
     # -- acks -------------------------------------------------------------------------------
 

@@ -59,8 +59,9 @@ def setup(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # apprise logs every attempt at INFO; the bridge reports outcomes itself.
-    logging.getLogger("apprise").setLevel(logging.WARNING)
+    # apprise logs every attempt (and each failure as a warning); the bridge reports outcomes,
+    # with apprise's reason, itself.
+    logging.getLogger("apprise").setLevel(logging.ERROR)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

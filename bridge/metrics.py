@@ -53,8 +53,8 @@ class Metrics:
     def event(self, event: Event) -> None:
         self.events.labels(event.type, event.source).inc()
 
-    def delivery(self, target: str, outcome: str) -> None:
-        self.deliveries.labels(target, outcome).inc()
+    def delivery(self, target: str, outcome: str, n: int = 1) -> None:
+        self.deliveries.labels(target, outcome).inc(n)
 
     def poll(self, source: str, seconds: float, up: bool) -> None:
         self.poll_seconds.labels(source).observe(seconds)

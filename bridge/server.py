@@ -8,7 +8,6 @@ import hmac
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ CSRF_COOKIE = "bridge_csrf"
 _CSRF_TOKEN = secrets.token_urlsafe(32)
 _WEB = Path(__file__).parent / "web"
 _BRIDGE_KEY: web.AppKey[Bridge] = web.AppKey("bridge")
-_REPORTED_KEY: web.AppKey[Counter[tuple[str, str]]] = web.AppKey("reported")
 
 
 def server_url(bridge: Bridge) -> str | None:
@@ -113,7 +111,6 @@ async def serve(bridge: Bridge, listen: str) -> AsyncIterator[web.AppRunner]:
 def build_app(bridge: Bridge) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_security_headers])
     app[_BRIDGE_KEY] = bridge
-    app[_REPORTED_KEY] = Counter()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -164,17 +161,23 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when every source's last good poll is within 3 poll intervals."""
     running = _running(request)
     now = time.time()
-    waiting: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    ready = True
     for name, watcher in running.watchers.items():
         limit = READY_INTERVALS * watcher.config.poll_interval
         last_ok = watcher.status.last_ok
-        if last_ok is None:
-            waiting[name] = "no successful poll yet"
+        if not watcher.leading:
+            sources[name] = "polled by another replica"  # it holds the source's lease
+        elif last_ok is None:
+            sources[name], ready = "no successful poll yet", False
         elif now - last_ok > limit:
-            waiting[name] = f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)"
-    if waiting:
-        return _json({"ready": False, "sources": waiting}, status=503)
-    return _json({"ready": True, "sources": {}})
+            sources[name], ready = (
+                f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)",
+                False,
+            )
+        else:
+            sources[name] = f"ok (last poll {now - last_ok:.1f}s ago)"
+    return _json({"ready": ready, "sources": sources}, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -183,24 +186,9 @@ async def metrics(request: web.Request) -> web.Response:
     depth = await running.store.outbox_depth()
     dead = await running.store.dead_count()
     bridge.metrics.set_outbox(depth, dead, sorted({*running.config.targets, *depth, *dead}))
-    _sync_deliveries(bridge, running, request.app[_REPORTED_KEY])
     for name, watcher in running.watchers.items():
         bridge.metrics.source_up.labels(name).set(1 if watcher.status.up else 0)
     return web.Response(body=bridge.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-# The deliverer counts attempts by (target, sent|retry|dead); a retry is a temporary failure, a
-# dead letter a permanent one (refused for good, or out of attempts or age).
-_OUTCOMES = {"sent": "sent", "retry": "temporary_failure", "dead": "permanent_failure"}
-
-
-def _sync_deliveries(bridge: Bridge, running: Running, reported: Counter[tuple[str, str]]) -> None:
-    """Move what the deliverer counted since the last scrape into bridge_deliveries_total."""
-    for (target, outcome), count in list(running.deliverer.counts.items()):
-        new = count - reported[(target, outcome)]
-        if new > 0:
-            bridge.metrics.deliveries.labels(target, _OUTCOMES.get(outcome, outcome)).inc(new)
-            reported[(target, outcome)] = count
 
 
 # -- push callbacks -------------------------------------------------------------------------------
