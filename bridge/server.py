@@ -22,7 +22,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from bridge.config import AppriseTargetConfig
 from bridge.errors import Redactor
 from bridge.passthrough import add_routes
 from bridge.sources.normalize import normalize_task
@@ -343,7 +342,7 @@ async def _page_context(running: Running, redactor: Redactor) -> dict[str, Any]:
     targets = [
         _TargetRow(
             name=name,
-            kind="apprise" if isinstance(cfg, AppriseTargetConfig) else "webhook",
+            kind=cfg.kind,
             waiting=depth.get(name, 0),
             dead=dead_count.get(name, 0),
         )
