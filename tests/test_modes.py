@@ -289,3 +289,48 @@ async def test_active_reads_over_100x_fewer_bytes_per_poll_than_list(tmp_path: P
             changes = sum(1 for e in r.events if e.type != "task.progress")
             assert changes > 0, "active mode still reports the changes"
     assert per_poll["list"] >= 100 * per_poll["active"], per_poll
+
+
+# nz: the open-source midjourney-proxy 2.x (no /mj/task/query), with the same header as plus.
+AUTH.setdefault("nz", "mj-api-secret")
+
+
+async def test_auto_on_nz_reads_the_queue_and_reports_every_change(tmp_path: Path) -> None:
+    async with rig(tmp_path, "nz", seed=20) as r:
+        await r.poll()
+        assert r.watcher.status.mode == "active"
+        assert r.watcher.reader is not None
+        assert r.watcher.reader.how.startswith("GET /mj/task/queue")
+        assert "/mj/task/queue" in r.watcher.status.mode_reason
+        probe = paths(r.sim)
+        assert probe.index("/mj/task/query") < probe.index("/mj/task/queue")  # query: a 404
+        start = len(r.sim.requests)
+        tid = r.sim.add_task("a fox on nz", outcome="success", steps=3)
+        served = []
+        for _ in range(6):
+            await r.poll()
+            served.append(((r.sim.task(tid) or {})["status"], (r.sim.task(tid) or {})["progress"]))
+            r.sim.tick()
+        await r.poll()
+        served.append(((r.sim.task(tid) or {})["status"], (r.sim.task(tid) or {})["progress"]))
+        assert [s for s, _ in served] == [
+            "NOT_START",
+            "SUBMITTED",
+            *["IN_PROGRESS"] * 3,
+            "SUCCESS",
+            "SUCCESS",
+        ]
+        mine = [e for e in r.events if e.subject == tid]
+        assert [e.type for e in mine] == [
+            "task.submitted",
+            "task.started",
+            "task.progress",
+            "task.progress",
+            "task.succeeded",
+        ]
+        # Every state the upstream served shows up in an event, except SUBMITTED ("0%"), which
+        # shares task.submitted with NOT_START.
+        reported = [(e.task or {}).get("progress") for e in mine]
+        assert reported == [p for s, p in served[:6] if s != "SUBMITTED"]
+        assert set(paths(r.sim, start)) <= {"/mj/task/queue", "/mj/task/list-by-condition"}
+        assert "/mj/task/list-by-condition" in paths(r.sim, start)  # found finished by its id

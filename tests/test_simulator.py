@@ -19,6 +19,7 @@ from bridge.simulator import FAULTS, Simulator, auth_header, serve
 KEY = "sim-key"
 HEADERS = {
     "midjourney-proxy": {"mj-api-secret": KEY},
+    "nz": {"mj-api-secret": KEY},
     "trueai": {"Authorization": KEY},
     "new-api": {"Authorization": f"Bearer {KEY}"},
 }
@@ -120,6 +121,8 @@ async def call(
         ("midjourney-proxy", {"mj-api-secret": KEY}, True),
         ("midjourney-proxy", {"mj-api-secret": "wrong"}, False),
         ("midjourney-proxy", {"Authorization": f"Bearer {KEY}"}, False),
+        ("nz", {"mj-api-secret": KEY}, True),
+        ("nz", {"mj-api-secret": "wrong"}, False),
         ("trueai", {"Authorization": KEY}, True),
         ("trueai", {"Mj-Api-Secret": KEY}, True),
         ("trueai", {"Authorization": f"Bearer {KEY}"}, False),
@@ -146,7 +149,7 @@ async def test_auth_answers_as_the_flavour_does(
         return
     assert reply.status == 401
     match flavor:
-        case "midjourney-proxy":
+        case "midjourney-proxy" | "nz":
             assert reply.body == b""
         case "trueai":
             assert reply.content_type == "text/plain"
@@ -392,7 +395,7 @@ async def test_list_by_condition(
     ids = [done, "1111111111111111", running]
     reply = await call(session, sim, "/mj/task/list-by-condition", method="POST", body={"ids": ids})
     found = [t["id"] for t in reply.json()]
-    if flavor == "midjourney-proxy":
+    if flavor in ("midjourney-proxy", "nz"):
         assert found == [running, done]  # the running queue answers first
     else:
         assert found == [done, running]
@@ -403,7 +406,7 @@ async def test_list_by_condition(
     )
     if flavor == "trueai":
         assert [t["id"] for t in alias.json()] == [done]
-    elif flavor == "midjourney-proxy":
+    elif flavor in ("midjourney-proxy", "nz"):
         assert alias.status == 404
     else:
         assert alias.content_type == "text/html"
@@ -522,7 +525,7 @@ async def test_cancel_trueai_fails_the_task(
     assert sim.cancel(task_id) is False
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("flavor", [f for f in FLAVORS if f != "nz"])  # nz: no image-seed
 async def test_image_seed(make_sim: MakeSim, session: aiohttp.ClientSession, flavor: str) -> None:
     sim = await make_sim(flavor)
     done = sim.add_task(steps=0)
@@ -558,7 +561,7 @@ async def test_submit_imagine(
     assert reply["properties"]["discordInstanceId"]
     task = sim.task(reply["result"]) or {}
     assert (task["prompt"], task["state"]) == ("a fox --ar 16:9", "order-42")
-    if flavor == "midjourney-proxy":
+    if flavor in ("midjourney-proxy", "nz"):
         assert task["properties"]["notifyHook"] == "http://127.0.0.1:1/h"
 
     banned = await call(session, sim, "/mj/submit/imagine", method="POST", body={"prompt": "nsfw"})
@@ -569,8 +572,12 @@ async def test_submit_imagine(
     modal = await call(
         session, sim, "/mj/submit/imagine", method="POST", body={"prompt": "cat --remix modal"}
     )
-    assert modal.json()["code"] == (1 if flavor == "new-api" else 21)
-    assert (sim.task(modal.json()["result"]) or {})["status"] == "MODAL"
+    if flavor == "nz":  # no remix window in nz: the task simply queues
+        assert modal.json()["code"] == 1
+        assert (sim.task(modal.json()["result"]) or {})["status"] == "NOT_START"
+    else:
+        assert modal.json()["code"] == (1 if flavor == "new-api" else 21)
+        assert (sim.task(modal.json()["result"]) or {})["status"] == "MODAL"
     assert len(sim.task(reply["result"]) or {}) > 0
     assert ("POST", "/mj/submit/imagine") in sim.requests
 
@@ -621,6 +628,120 @@ async def test_submit_follow_ups(make_sim: MakeSim, session: aiohttp.ClientSessi
         session, sim, "/mj/submit/action", method="POST", body={"taskId": "1", "customId": "x"}
     )
     assert gone.json()["code"] == 3
+
+
+# nz: the open-source midjourney-proxy 2.x -------------------------------------------------------
+
+
+def test_plus_is_midjourney_proxy_and_nz_is_its_own_flavour() -> None:
+    assert Simulator("plus", api_key=None).flavor == "midjourney-proxy"
+    assert Simulator("nz", api_key=None).flavor == "nz"
+
+
+async def test_nz_task_shape_has_no_buttons(
+    make_sim: MakeSim, session: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim("nz")
+    task_id = sim.add_task("dog playing ball", steps=2)
+    seen = []
+    for _ in range(5):
+        seen.append((await call(session, sim, f"/mj/task/{task_id}/fetch")).json())
+        sim.tick()
+    assert [t["status"] for t in seen] == [
+        "NOT_START",
+        "SUBMITTED",
+        "IN_PROGRESS",
+        "IN_PROGRESS",
+        "SUCCESS",
+    ]
+    nz_keys = [k for k in NZ_KEYS if k != "buttons"]
+    assert all(list(t) == nz_keys for t in seen)
+    assert seen[-1]["progress"] == "100%"
+    assert seen[-1]["properties"]["finalPrompt"] == "dog playing ball --v 7.0"
+    listed = (await call(session, sim, "/mj/task/list")).json()
+    assert listed == [seen[-1]]
+
+
+async def test_nz_lacks_query_cancel_and_image_seed(
+    make_sim: MakeSim, session: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim("nz")
+    task_id = sim.add_task()
+    sim.tick(2)
+    for method, path, body in (
+        ("POST", "/mj/task/query", {"pageNumber": 0, "pageSize": 10}),
+        ("POST", f"/mj/task/{task_id}/cancel", None),
+        ("GET", f"/mj/task/{task_id}/image-seed", None),
+        ("POST", "/mj/submit/modal", {"taskId": task_id}),
+        ("POST", "/mj/submit/action", {"taskId": task_id, "customId": "MJ::JOB::upsample::1"}),
+    ):
+        reply = await call(session, sim, path, method=method, body=body)
+        assert (reply.status, reply.content_type) == (404, "application/json"), path
+        error = reply.json()
+        assert list(error) == ["timestamp", "status", "error", "path"]
+        assert (error["status"], error["error"], error["path"]) == (404, "Not Found", path)
+    assert (sim.task(task_id) or {})["status"] == "IN_PROGRESS"  # the cancel did nothing
+    assert sim.cancel(task_id) is False
+
+
+async def test_nz_serves_an_uncapped_list_the_queue_and_fetch(
+    make_sim: MakeSim, session: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim("nz")
+    sim.seed_tasks(150)
+    first = sim.add_task()
+    second = sim.add_task()
+    sim.tick()
+    late = sim.add_task()
+    listed = (await call(session, sim, "/mj/task/list")).json()
+    assert len(listed) == 153
+    assert [t["id"] for t in listed[:3]] == [late, second, first]
+    queue = (await call(session, sim, "/mj/task/queue")).json()
+    assert [(t["id"], t["status"]) for t in queue] == [
+        (first, "SUBMITTED"),
+        (second, "SUBMITTED"),
+        (late, "NOT_START"),
+    ]
+    fetched = (await call(session, sim, f"/mj/task/{late}/fetch")).json()
+    assert fetched == sim.task(late)
+    unknown = await call(session, sim, "/mj/task/1748339029401828/fetch")
+    assert (unknown.status, unknown.body) == (200, b"")
+
+
+def test_nz_has_no_modal_or_cancel_outcome() -> None:
+    sim = Simulator("nz", api_key=None, seed=3)
+    for outcome in ("modal", "cancel"):
+        with pytest.raises(ValueError, match=outcome.upper()):
+            sim.add_task(outcome=outcome)
+    sim.seed_tasks(60, finished=False)
+    sim.tick(40)
+    statuses = {t["status"] for t in (sim.task(i) or {} for i in list(sim._tasks))}
+    assert statuses <= {"SUCCESS", "FAILURE"}
+    assert "SUCCESS" in statuses
+
+
+async def test_nz_submits_without_modal_or_cancel(
+    make_sim: MakeSim, session: aiohttp.ClientSession
+) -> None:
+    sim = await make_sim("nz")
+    ids = []
+    for prompt in ("cat --remix modal", "please cancel this"):
+        reply = await call(
+            session, sim, "/mj/submit/imagine", method="POST", body={"prompt": prompt}
+        )
+        assert reply.json()["code"] == 1
+        ids.append(reply.json()["result"])
+    sim.tick(10)
+    assert [(sim.task(i) or {})["status"] for i in ids] == ["SUCCESS", "SUCCESS"]
+    upscale = await call(
+        session,
+        sim,
+        "/mj/submit/change",
+        method="POST",
+        body={"taskId": ids[0], "action": "UPSCALE", "index": 1},
+    )
+    assert upscale.json()["code"] == 1
+    assert (sim.task(upscale.json()["result"]) or {})["action"] == "UPSCALE"
 
 
 # notifyHook ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The upstream stand-in for the demo, the tests and the benches: a Midjourney task API
-(`midjourney-proxy`/`plus`, `trueai` or `new-api` flavour) on a real local HTTP server.
+(`midjourney-proxy`/`plus`, `nz`, `trueai` or `new-api` flavour) on a real local HTTP server.
 `serve()` is what `bridge simulate` runs.
 """
 
@@ -10,7 +10,7 @@ import random
 
 from .app import Simulator
 from .lifecycle import OUTCOMES
-from .render import FLAVORS
+from .render import FLAVORS, NZ_LACKS
 from .responses import FAULTS
 
 __all__ = ["FAULTS", "FLAVORS", "OUTCOMES", "Simulator", "auth_header", "serve"]
@@ -42,8 +42,10 @@ def auth_header(flavor: str, api_key: str | None) -> str | None:
 async def serve(port: int, flavor: str, tasks: int, api_key: str | None) -> None:
     """Run a simulator on 127.0.0.1:`port` until cancelled: `tasks` old finished tasks to start
     with, then a new task every two seconds with a mix of outcomes, ticking once a second.
-    MODAL tasks are completed on the next round, as a client would."""
+    MODAL tasks are completed on the next round, as a client would (nz has no MODAL or CANCEL,
+    so its mix leaves them out)."""
     sim = Simulator(flavor, api_key=api_key)
+    mix = tuple(o for o in _MIX if sim.flavor != "nz" or o not in NZ_LACKS)
     sim.seed_tasks(tasks)
     rng = random.Random(0)
     await sim.start(port=port, tick_interval=1.0)
@@ -60,7 +62,7 @@ async def serve(port: int, flavor: str, tasks: int, api_key: str | None) -> None
             for task_id in waiting:
                 sim.modal(task_id)
             waiting.clear()
-            outcome = rng.choice(_MIX)
+            outcome = rng.choice(mix)
             task_id = sim.add_task(rng.choice(_PROMPTS), outcome=outcome, steps=rng.randint(2, 6))
             if outcome == "modal":
                 waiting.append(task_id)

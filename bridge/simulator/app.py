@@ -1,6 +1,6 @@
 """The upstream stand-in: a real aiohttp server that serves the `/mj/task/*` and `/mj/submit/*`
-APIs the way midjourney-proxy/plus, trueai or new-api do, with tasks driven by `tick()`,
-notifyHook callbacks, and injectable faults. Used by the demo, the integration tests and benches.
+APIs the way midjourney-proxy/plus, the open-source nz 2.x, trueai or new-api do, with tasks
+driven by `tick()`, notifyHook callbacks, and injectable faults. Used by the demo, tests, benches.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import web
 from bridge.errors import redact
 
 from .lifecycle import FAIL_CANCELLED_TA, Lifecycle, SimTask
-from .render import canonical_flavor, render, task_bytes
+from .render import NZ_LACKS, canonical_flavor, render, task_bytes
 from .routes import Api
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,12 @@ class Simulator:
         failure = SUBMITTED, half the updates, FAILURE (`fail_reason`, default an invalid
         aspect ratio); banned = SUBMITTED, FAILURE; cancel = SUBMITTED, one update, CANCEL
         (trueai: FAILURE "取消任务"); timeout = SUBMITTED, one update, `steps` silent ticks,
-        FAILURE "任务超时"; modal waits in MODAL until /mj/submit/modal or `modal()`."""
+        FAILURE "任务超时"; modal waits in MODAL until /mj/submit/modal or `modal()`.
+        The nz flavour refuses "modal" and "cancel" (ValueError): it has neither status."""
         if task_id is not None and task_id in self._tasks:
             raise ValueError(f"task {task_id} exists")
+        if self.flavor == "nz" and outcome in NZ_LACKS:
+            raise ValueError(f"the nz flavour has no {outcome.upper()} status")
         task = self._life.new_task(
             prompt,
             action=action,
@@ -179,7 +182,9 @@ class Simulator:
             "mountain lake at dawn --ar 3:2 --style raw",
         )
         first = self._life.older_ms(n, 1000)
-        outcomes = ("success", "success", "success", "failure", "timeout", "cancel")
+        outcomes: tuple[str, ...] = ("success", "success", "success", "failure", "timeout")
+        if self.flavor != "nz":
+            outcomes += ("cancel",)
         for i in range(n):
             prompt = prompts[i % len(prompts)]
             ms = first + i * 1000
@@ -209,9 +214,9 @@ class Simulator:
 
     def cancel(self, task_id: str) -> bool:
         """Cancel an unfinished task as the flavour's cancel does: CANCEL, or on trueai FAILURE
-        "取消任务". Returns whether it was cancelled."""
+        "取消任务" (nz cannot cancel). Returns whether it was cancelled."""
         task = self._tasks.get(task_id)
-        if task is None or task.finished:
+        if task is None or task.finished or self.flavor == "nz":
             return False
         if self.flavor == "trueai":
             self._life.fail(task, FAIL_CANCELLED_TA)

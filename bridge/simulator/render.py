@@ -1,6 +1,7 @@
 """How each upstream flavour serialises a simulator task: midjourney-proxy/plus (Jackson, nulls
-included, NZ field order), trueai (System.Text.Json camelCase with its many extra fields) and the
-new-api relay DTO. Bytes are cached per task until it changes, so a 100k-task list stays cheap.
+included, NZ field order, plus's `buttons`), nz (the open-source 2.x: the same without `buttons`),
+trueai (System.Text.Json camelCase with its many extra fields) and the new-api relay DTO.
+Bytes are cached per task until it changes, so a 100k-task list stays cheap.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import orjson
 
 from .lifecycle import BOT_USER, INSTANCE_ID, SimTask, buttons
 
-FLAVORS = ("midjourney-proxy", "trueai", "new-api")
-ALIASES = {
-    "plus": "midjourney-proxy",
-    "midjourney-proxy": "midjourney-proxy",
-    "nz": "midjourney-proxy",
-}
+# midjourney-proxy is the closed-source "plus" server; nz is the open-source novicezk 2.x.
+FLAVORS = ("midjourney-proxy", "nz", "trueai", "new-api")
+ALIASES = {"plus": "midjourney-proxy"}
+# Outcomes nz cannot produce: it has no MODAL window and no CANCEL status.
+NZ_LACKS = ("modal", "cancel")
 
 
 def canonical_flavor(flavor: str) -> str:
@@ -51,9 +51,9 @@ def nz_properties(task: SimTask, hook: str | None) -> dict[str, Any]:
     return props
 
 
-def render_nz(task: SimTask, hook: str | None) -> dict[str, Any]:
-    """midjourney-proxy / plus: NZ's getter order, nulls included, plus's `buttons`."""
-    return {
+def render_nz(task: SimTask, hook: str | None, *, plus: bool = True) -> dict[str, Any]:
+    """NZ's getter order, nulls included; plus (midjourney-proxy) adds `buttons`."""
+    data: dict[str, Any] = {
         "id": task.id,
         "properties": nz_properties(task, hook),
         "action": task.action,
@@ -68,8 +68,10 @@ def render_nz(task: SimTask, hook: str | None) -> dict[str, Any]:
         "imageUrl": task.image_url,
         "progress": task.progress,
         "failReason": task.fail_reason,
-        "buttons": buttons(task) if task.status == "SUCCESS" else [],
     }
+    if plus:
+        data["buttons"] = buttons(task) if task.status == "SUCCESS" else []
+    return data
 
 
 def render_ta(task: SimTask, hook: str | None) -> dict[str, Any]:
@@ -186,6 +188,8 @@ def render(task: SimTask, flavor: str, *, hook: str | None, base_url: str) -> di
             return render_ta(task, hook)
         case "new-api":
             return render_new_api(task, base_url)
+        case "nz":
+            return render_nz(task, hook, plus=False)
     return render_nz(task, hook)
 
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import responses as r
 from .lifecycle import INSTANCE_ID, SimTask, action_for_custom_id, banned_word, outcome_for_prompt
-from .render import task_bytes
+from .render import NZ_LACKS, task_bytes
 
 if TYPE_CHECKING:
     from .app import Simulator
@@ -40,7 +40,10 @@ class Api:
 
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
-        nz, ta, new_api = (self.sim.flavor == f for f in ("midjourney-proxy", "trueai", "new-api"))
+        flavor = self.sim.flavor
+        plus, nz, ta, new_api = (
+            flavor == f for f in ("midjourney-proxy", "nz", "trueai", "new-api")
+        )
         add = app.router.add_route
         if not new_api:
             add("GET", "/mj/task/list", self._list)
@@ -48,20 +51,27 @@ class Api:
         if ta:
             add("POST", "/mj/task/list-by-ids", self._list_by_condition)
         add("GET", "/mj/task/{id}/fetch", self._fetch)
-        add("GET", "/mj/task/{id}/image-seed", self._image_seed)
-        if nz:
+        if plus or nz:
             add("GET", "/mj/task/queue", self._queue)
+        if plus:
             add("POST", "/mj/task/query", self._query)
-        if not new_api:
+        # nz 2.x serves no cancel and no image-seed: Spring's default 404 answers them.
+        if not nz:
+            add("GET", "/mj/task/{id}/image-seed", self._image_seed)
+        if not (new_api or nz):
             add("POST", "/mj/task/{id}/cancel", self._cancel)
-        else:
+        if new_api:
             add("GET", "/mj/image/{id}", self._image)
         add("POST", "/mj/submit/imagine", self._imagine)
-        add("POST", "/mj/submit/modal", self._submit_modal)
-        add("POST", "/mj/submit/action", self._action)
         add("POST", "/mj/submit/change", self._change)
         add("POST", "/mj/submit/simple-change", self._simple_change)
-        for kind in ("describe", "blend", "shorten", "video", "edits"):
+        for kind in ("describe", "blend"):
+            add("POST", f"/mj/submit/{kind}", self._submit_other)
+        if nz:  # the rest (buttons, modal, shorten, video, face swap) is plus-only
+            return app
+        add("POST", "/mj/submit/modal", self._submit_modal)
+        add("POST", "/mj/submit/action", self._action)
+        for kind in ("shorten", "video", "edits"):
             add("POST", f"/mj/submit/{kind}", self._submit_other)
         add("POST", "/mj/submit/upload-discord-images", self._upload)
         add("POST", "/mj/insight-face/swap", self._submit_other)
@@ -175,7 +185,7 @@ class Api:
             i.strip() if self.sim.flavor == "trueai" else i for i in ids if isinstance(i, str)
         ]
         found = list({i: self.sim._tasks[i] for i in wanted if i in self.sim._tasks}.values())
-        if self.sim.flavor == "midjourney-proxy":
+        if self.sim.flavor in ("midjourney-proxy", "nz"):
             # NZ answers from the running queue first, then from the store.
             found = [t for t in found if t.status in QUEUED] + [
                 t for t in found if t.status not in QUEUED
@@ -320,9 +330,12 @@ class Api:
         word = banned_word(prompt)
         if word is not None:
             return self._fail(24, "可能包含敏感词", promptEn=prompt, bannedWord=word)
+        outcome = outcome_for_prompt(prompt)
+        if self.sim.flavor == "nz" and outcome in NZ_LACKS:
+            outcome = "success"  # no remix window, no cancel: the words mean nothing to nz
         task_id = self.sim.add_task(
             prompt,
-            outcome=outcome_for_prompt(prompt),
+            outcome=outcome,
             notify_hook=self._submit_hook(data),
             state=self._state(data),
         )
