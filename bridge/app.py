@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bridge.config import Config, ConfigWatcher, SourceConfig
+from bridge.config import Config, ConfigWatcher
 from bridge.deliver import Deliverer
 from bridge.errors import ConfigError
 from bridge.lease import lease_ttl, source_lease, while_leader
@@ -112,10 +112,7 @@ class Bridge:
 
                 await stack.enter_async_context(serve(self, config.server.listen))
             async with asyncio.TaskGroup() as group:
-                polls = [
-                    group.create_task(self._lead(s, store, session, pipeline, watchers))
-                    for s in config.sources
-                ]
+                polls = [group.create_task(self._lead(w, store)) for w in watchers.values()]
                 delivering = group.create_task(deliverer.run())
                 self._started.set()
                 stop = asyncio.ensure_future(self._stop.wait())
@@ -132,34 +129,20 @@ class Bridge:
                 delivering.cancel()
         self._started.clear()
 
-    async def _lead(
-        self,
-        source: SourceConfig,
-        store: Store,
-        session: aiohttp.ClientSession,
-        pipeline: Pipeline,
-        watchers: dict[str, Watcher],
-    ) -> None:
-        """Poll `source` while this process holds its lease (at once with SQLite: one process).
-        Each later leadership polls with a new Watcher, its states loaded from the shared store."""
-        first = True
+    async def _lead(self, watcher: Watcher, store: Store) -> None:
+        """Poll the watcher's source while this process holds its lease (at once with SQLite: one
+        process). Each leadership starts from the shared store's states (`Watcher.run`)."""
 
         async def poll() -> None:
-            nonlocal first
-            if not first:
-                watchers[source.name] = Watcher(
-                    source, PollingSource(source, session), pipeline, metrics=self.metrics
-                )
-            first = False
-            watcher = watchers[source.name]
             watcher.leading = True
             try:
                 await watcher.run()
             finally:
                 watcher.leading = False
 
-        ttl = lease_ttl(source.poll_interval)
-        await while_leader(store, source_lease(source.name), store.holder, ttl, poll)
+        name = watcher.config.name
+        ttl = lease_ttl(watcher.config.poll_interval)
+        await while_leader(store, source_lease(name), store.holder, ttl, poll)
 
 
 async def run_service(config: Config, db: str, config_path: Path) -> None:

@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
         "track",
         help="make a source follow task ids it cannot list (relays such as new-api)",
         description="Follow these task ids of SOURCE. Hands them to a running bridge through its "
-        "POST /track endpoint when one answers; otherwise stores them for the next start.",
+        "POST /track endpoint when one answers; otherwise stores them in the database, where the "
+        "bridge polling SOURCE finds them at its next poll.",
     )
     config_arg(p)
     db_arg(p)

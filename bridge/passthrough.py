@@ -272,8 +272,9 @@ async def _via_server(config: Config, source: SourceConfig, ids: list[str]) -> i
 
 async def track_command(config: Config, db: str, source: str, ids: list[str]) -> int:
     """`bridge track SOURCE ID...`: follow these task ids. A running bridge (server.listen and the
-    source's push_token) takes them at once; otherwise they are written to the store and followed
-    from the bridge's next start. Exit code: 0 ok, 2 unknown source or no ids."""
+    source's push_token) takes them at once; otherwise they are written to the store, where the
+    bridge polling the source finds them at its next poll (or start). Exit code: 0 ok, 2 unknown
+    source or no ids."""
     found = next((s for s in config.sources if s.name == source), None)
     if found is None:
         names = ", ".join(s.name for s in config.sources) or "none"
@@ -298,6 +299,6 @@ async def track_command(config: Config, db: str, source: str, ids: list[str]) ->
         await store.close()
     print(
         f"{source}: {len(new)} new task id(s) stored ({len(wanted) - len(new)} already known); "
-        "a running bridge follows them after its next start"
+        "the bridge polling this source follows them from its next poll"
     )
     return 0

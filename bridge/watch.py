@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.actions import UpstreamActions
@@ -102,17 +102,36 @@ class Watcher:
         self._fresh: set[str] = set()  # tracked ids never seen upstream yet
         self._open: set[str] = set()  # ids of the unfinished tasks, kept with `states`
         self.actions = UpstreamActions(config, source, clock)
-        # False on a replica that does not hold the source's lease: its states may be stale, so
-        # a push or a track there reads them from the shared store first.
+        # True while this process holds the source's lease and polls it (app.py); a replica that
+        # does not still takes push callbacks and /track for it.
         self.leading = False
 
     async def load(self) -> None:
-        if not self._loaded or not self.leading:
-            self.states = await self.pipeline.store.load_tasks(self.config.name)
-            self._seen = await self.pipeline.store.source_seen(self.config.name)
-            self._fresh = {tid for tid, st in self.states.items() if _placeholder(st)}
-            self._open = {tid for tid, st in self.states.items() if not st.finished}
-            self._loaded = True
+        """The states as the shared store has them: all of them the first time (and whenever a
+        leadership starts); after that only the unfinished ones, merged in. That look is cheap
+        (an index) and is how ids added elsewhere reach this watcher: another replica's push or
+        /track, or `bridge track` writing to the database."""
+        async with self._lock:
+            store, name = self.pipeline.store, self.config.name
+            if not self._seen:
+                self._seen = await store.source_seen(name)
+            if not self._loaded:
+                self.states = await store.load_tasks(name)
+                self._fresh = {tid for tid, st in self.states.items() if _placeholder(st)}
+                self._open = {tid for tid, st in self.states.items() if not st.finished}
+                self._loaded = True
+            else:
+                stored = await store.load_tasks(name, unfinished=True)
+                for tid in self._open - stored.keys():  # finished where another process saw it
+                    self.states[tid] = replace(self.states[tid], finished=True)
+                    self._open.discard(tid)
+                    self._fresh.discard(tid)
+                for tid, st in stored.items():
+                    if self.states.get(tid) != st:
+                        self.states[tid] = st
+                        self._open.add(tid)
+                        if _placeholder(st):
+                            self._fresh.add(tid)
             self._count()
 
     async def track(self, ids: Iterable[str]) -> list[str]:
@@ -147,6 +166,9 @@ class Watcher:
         """Diff one snapshot against the states and commit states, events and deliveries; then
         carry out what rules ask of the upstream (cancel)."""
         await self.load()
+        return await self._apply_loaded(snapshot, extra)
+
+    async def _apply_loaded(self, snapshot: Snapshot, extra: Sequence[Event]) -> list[Event]:
         async with self._lock:
             new = await self._apply(snapshot, extra)
         if new:
@@ -224,10 +246,12 @@ class Watcher:
         self.status.up = True
         self.status.last_ok = now
         self.status.polls += 1
-        return await self.apply(snapshot, [up] if up is not None else [])
+        return await self._apply_loaded(snapshot, [up] if up is not None else [])
 
     async def run(self) -> None:
-        """Poll until cancelled, pacing by subtracting the work time from the sleep."""
+        """Poll until cancelled, pacing by subtracting the work time from the sleep. A run is a
+        leadership: it starts from the shared store's states, whatever this watcher held."""
+        self._loaded = False
         interval = self.config.poll_interval
         while True:
             started = time.monotonic()

@@ -204,7 +204,9 @@ class Store(ABC):
     # -- task state -------------------------------------------------------------------------
 
     @abstractmethod
-    async def load_tasks(self, source: str) -> dict[str, TaskState]: ...
+    async def load_tasks(self, source: str, *, unfinished: bool = False) -> dict[str, TaskState]:
+        """The task states of `source`; with `unfinished`, only those not finished (few: an index
+        keeps this cheap for the leader's look at ids other replicas or `bridge track` added)."""
 
     @abstractmethod
     async def source_seen(self, source: str) -> bool: ...

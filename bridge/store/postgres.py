@@ -187,10 +187,10 @@ class PostgresStore(Store):
 
     # -- task state -------------------------------------------------------------------------
 
-    async def load_tasks(self, source: str) -> dict[str, TaskState]:
+    async def load_tasks(self, source: str, *, unfinished: bool = False) -> dict[str, TaskState]:
         rows = await self._fetch(
             "SELECT id, status, progress, changed_at, stalled, missing, finished "
-            "FROM tasks WHERE source = $1",
+            "FROM tasks WHERE source = $1" + (" AND NOT finished" if unfinished else ""),
             source,
         )
         return {

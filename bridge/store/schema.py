@@ -67,6 +67,9 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE INDEX tasks_open ON tasks (source) WHERE finished = 0;
+    """,
 )
 
 # The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that
@@ -132,5 +135,8 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
         holder TEXT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     );
+    """,
+    """
+    CREATE INDEX tasks_open ON tasks (source) WHERE NOT finished;
     """,
 )

@@ -129,10 +129,10 @@ class SqliteStore(Store):
 
     # -- task state -------------------------------------------------------------------------
 
-    async def load_tasks(self, source: str) -> dict[str, TaskState]:
+    async def load_tasks(self, source: str, *, unfinished: bool = False) -> dict[str, TaskState]:
         sql = (
             "SELECT id, status, progress, changed_at, stalled, missing, finished "
-            "FROM tasks WHERE source = ?"
+            "FROM tasks WHERE source = ?" + (" AND finished = 0" if unfinished else "")
         )
         rows = await self._fetch(sql, (source,))
         return {
