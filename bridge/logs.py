@@ -32,6 +32,16 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class QuietAppriseFilter(logging.Filter):
+    """Drops apprise's records below ERROR at the bridge's handler. apprise logs every attempt and
+    each failure as a warning; the bridge reports the outcome itself, with apprise's reason taken
+    from that call's captured logs, so printing apprise's warning too would say it twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_apprise = record.name == "apprise" or record.name.startswith("apprise.")
+        return not from_apprise or record.levelno >= logging.ERROR
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -49,6 +59,7 @@ _filter = RedactingFilter(Redactor())
 def setup(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
     """Configure the root logger once per process; `redact_with` can tighten it later."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(QuietAppriseFilter())
     handler.addFilter(_filter)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -59,9 +70,10 @@ def setup(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # apprise logs every attempt (and each failure as a warning); the bridge reports outcomes,
-    # with apprise's reason, itself.
-    logging.getLogger("apprise").setLevel(logging.ERROR)
+    # apprise's failure reasons reach a call's result.logs() only through its "apprise" logger,
+    # which must let warnings through whatever the root level (an ERROR here loses them all);
+    # the handler's QuietAppriseFilter keeps them off the operator's screen.
+    logging.getLogger("apprise").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

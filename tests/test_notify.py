@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from apprise.plugins.discord import NotifyDiscord
 from apprise.plugins.slack import NotifySlack
 
+from bridge import logs
 from bridge.config import AppriseTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
@@ -86,6 +88,43 @@ async def test_4xx_from_the_service_is_not_retryable(rx: Receiver) -> None:
         await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
     assert not info.value.retryable
     assert "404" in str(info.value)
+
+
+@pytest.fixture
+def bridge_logging() -> Iterator[None]:
+    """Lets a test call bridge.logs.setup(), as `bridge run` does; restores logging after."""
+    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
+    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    apprise_log.setLevel(apprise_level)
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.ERROR], ids=["info", "error"])
+@pytest.mark.usefixtures("bridge_logging")
+async def test_a_refusal_keeps_its_reason_under_the_bridges_logging(
+    rx: Receiver, capsys: pytest.CaptureFixture[str], level: int
+) -> None:
+    logs.setup("text", level)
+    rx.respond(Reply(400, b"no such channel"))
+    with pytest.raises(DeliveryError) as info:
+        await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
+    message = str(info.value)
+    assert "400" in message
+    assert "Bad Request" in message
+    assert not info.value.retryable  # a dead letter at once, not eight tries
+    # The bridge logs the outcome with this reason; apprise's own warning is not printed too.
+    assert "Failed to send" not in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("bridge_logging")
+async def test_the_reason_survives_a_quiet_apprise_logger(rx: Receiver) -> None:
+    logging.getLogger("apprise").setLevel(logging.CRITICAL)  # someone else's logging set-up
+    rx.respond(400)
+    with pytest.raises(DeliveryError, match="400") as info:
+        await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
+    assert not info.value.retryable
 
 
 async def test_unreachable_is_retryable() -> None:

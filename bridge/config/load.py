@@ -10,6 +10,7 @@ import bisect
 import logging
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -239,14 +240,26 @@ def _check_unique(doc: _Document, raw: dict[str, Any], section: str) -> None:
             first[name] = i
 
 
+class _ThreadFilter(logging.Filter):
+    def __init__(self, thread: int) -> None:
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
 def _apprise_problem(url: str) -> str | None:
     import apprise  # slow to import; only `check` and loading need it
 
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme:
         return "not an apprise URL (expected scheme://..., e.g. slack://, discord://, mailtos://)"
+    # apprise logs the whole URL on failure: drop this thread's apprise records meanwhile (not
+    # the logger as a whole: a target may be sending in another thread and needs its reasons).
     logger = logging.getLogger("apprise")
-    disabled, logger.disabled = logger.disabled, True  # apprise logs the whole URL on failure
+    quiet = _ThreadFilter(threading.get_ident())
+    logger.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             # apprise's plugin loader imports the deprecated imghdr module.
@@ -256,7 +269,7 @@ def _apprise_problem(url: str) -> str | None:
                 return f"unknown apprise scheme '{scheme}://'"
             ok = apprise.Apprise().add(url)
     finally:
-        logger.disabled = disabled
+        logger.removeFilter(quiet)
     return None if ok else f"apprise cannot use this {scheme}:// URL (check its tokens and options)"
 
 

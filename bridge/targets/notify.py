@@ -22,6 +22,7 @@ from bridge.models import Status
 from bridge.store import OutboxItem
 
 log = logging.getLogger(__name__)
+_APPRISE_LOG = logging.getLogger("apprise")
 
 # apprise logs an HTTP failure as "... error=404." in every HTTP plugin.
 _HTTP_ERROR = re.compile(r"error=(\d{3})\b")
@@ -128,6 +129,10 @@ class AppriseTarget:
                     "%s: the task image could not be fetched; sending without it", self.name
                 )
                 attach = None
+        # apprise captures a call's reasons through its logger, so that logger must pass
+        # warnings whatever the process's logging set-up (bridge.logs keeps them off screen).
+        if _APPRISE_LOG.getEffectiveLevel() > logging.WARNING:
+            _APPRISE_LOG.setLevel(logging.WARNING)
         result = self._apprise.notify(
             body=body or title, title=title, attach=attach, log_level=logging.WARNING
         )
