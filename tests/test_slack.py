@@ -4,6 +4,7 @@ coalescing, a restart that keeps editing, Retry-After, image uploads, refusals a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,24 @@ async def test_task_text_cannot_mention_or_link(
     assert blocks[1]["text"] == {"type": "plain_text", "text": "<!channel> *big*"}
     assert blocks[3]["text"]["text"] == "*Reason*\nbanned &lt;https://x|click&gt; &amp; more"
     assert fields(blocks) == {"*Action*": "IMAGINE", "*Status*": "❌ Failed"}
+
+
+async def test_the_notification_text_cannot_ping(
+    api: ChatAPI, session: aiohttp.ClientSession
+) -> None:
+    """Slack notifies with the top-level `text`, read as mrkdwn: a prompt's mentions stay text."""
+    target = slack(api, session)
+    prompt = "<!here> <@U123> <!subteam^S1> & co"
+    await target.send(outbox_item(task_event(3, "task.started", "0%", prompt=prompt), "team"))
+    await target.send(outbox_item(task_event(3, "task.failed", "0%", prompt=prompt), "team"))
+    note = dataclasses.replace(task_event(4, "source.down"), task=None, subject=None)
+    await target.send(outbox_item(note, "team", title="mj down <!channel>"))
+    post, update, posted_note = api.of("slack")
+    escaped = "&lt;!here&gt; &lt;@U123&gt; &lt;!subteam^S1&gt; &amp; co"
+    assert post.payload["text"] == (f"▶️ IMAGINE started: {escaped} · ▶️ Running · ▱▱▱▱▱▱▱▱▱▱ 0%")
+    assert update.path == "/slack/chat.update"
+    assert update.payload["text"] == f"❌ IMAGINE failed: {escaped} · ❌ Failed"
+    assert posted_note.payload["text"].endswith(" mj down &lt;!channel&gt;")
 
 
 async def test_coalesced_update_waits_and_final_state_goes_at_once(

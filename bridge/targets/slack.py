@@ -72,9 +72,15 @@ def blocks(view: TaskView, file_id: str | None = None) -> list[dict[str, Any]]:
 
 
 def fallback_text(view: TaskView) -> str:
-    """The `text` Slack shows in notifications and to screen readers."""
+    """The `text` Slack shows in notifications and to screen readers. Slack reads it as mrkdwn,
+    so it is escaped like the blocks: a prompt saying `<!here>` must not ping anyone."""
     parts = [view.title, view.status_line, view.bar]
-    return clip(" · ".join(p for p in parts if p), 3000)
+    return escape(clip(" · ".join(p for p in parts if p), 3000))
+
+
+def note_text(title: str, look: Look) -> str:
+    """The `text` of a one-off message, escaped as fallback_text is."""
+    return escape(clip(f"{look.emoji} {title}", 3000))
 
 
 def note_blocks(title: str, body: str) -> list[dict[str, Any]]:
@@ -140,7 +146,7 @@ class SlackTarget(ChatTarget):
             "chat.postMessage",
             {
                 "channel": self._channel,
-                "text": clip(f"{look.emoji} {title}", 3000),
+                "text": note_text(title, look),
                 "blocks": note_blocks(title, body),
                 "unfurl_links": False,
                 "unfurl_media": False,
