@@ -22,6 +22,11 @@ def test_figure_runs_at_a_tiny_size(run: Callable[[bool], list[Row]]) -> None:
     for row in rows:
         assert row.figure
         assert not row.ours.startswith("n/a"), row
+        # Every figure has a peer measured in the same run (issue 9's audit), so a ratio too.
+        assert row.peer not in ("", "—"), row
+        assert not row.peer.startswith("n/a"), row
+        assert "ideal" not in row.peer, row
+        assert row.ratio not in ("", "—"), row
 
 
 def test_report_rewrites_only_between_the_markers(tmp_path: Path) -> None:
