@@ -65,7 +65,8 @@ _URL_SECRET_PATH = re.compile(
 )
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&](?:token|key|secret|password|pass|apikey|api_key|access_token|signature)=)"
-    r"(?P<value>[^&#\s]+)",
+    # The value ends with the URL: at &, #, space, or the ), ',', ;, quotes or <> around it.
+    r"(?P<value>[^&#\s),;'\"<>]+)",
     re.IGNORECASE,
 )
 # Discord webhook URLs and the API paths built from them (/api/v10/webhooks/ID/TOKEN/...).

@@ -113,5 +113,24 @@ def test_redact_hides_credentials(text: str, hidden: str) -> None:
     assert hidden not in redact(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "mj (http://u:p@127.0.0.1:41080/?key=abc123) dead (3 polls)",
+            "mj (http://***@127.0.0.1:41080/?key=***) dead (3 polls)",
+        ),
+        ("?token=t0k,next", "?token=***,next"),
+        ("?secret=s3c; retry", "?secret=***; retry"),
+        ("url='http://h/?apikey=k3y' bad", "url='http://h/?apikey=***' bad"),
+        ('{"url": "http://h/?password=pw"}', '{"url": "http://h/?password=***"}'),
+        ("?token=a&key=b#frag", "?token=***&key=***#frag"),
+    ],
+    ids=["parenthesis", "comma", "semicolon", "single-quote", "double-quote", "ampersand"],
+)
+def test_redacted_query_values_end_where_the_url_does(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
 def test_redactor_hides_configured_values() -> None:
     assert "k3y-value" not in Redactor(["k3y-value"])("api key k3y-value rejected")
