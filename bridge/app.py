@@ -18,7 +18,7 @@ import aiohttp
 
 from bridge.config import Config, ConfigWatcher
 from bridge.deliver import Deliverer
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics
@@ -31,7 +31,13 @@ from bridge.watch import Pipeline, Watcher
 
 log = logging.getLogger("bridge.app")
 
-DRAIN_SECONDS = 10.0
+# Shutdown: in-flight deliveries get this long, the HTTP server 2 s more (server.py): within the
+# 10 s a process manager (docker stop) gives before it kills.
+DRAIN_SECONDS = 7.5
+
+
+class _ListenFailed(Exception):
+    """The server could not listen: fatal at start, a refused reload later."""
 
 
 @dataclass(slots=True)
@@ -58,6 +64,7 @@ class Bridge:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _started: asyncio.Event = field(default_factory=asyncio.Event)
+    _router: Router | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -80,9 +87,20 @@ class Bridge:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             store = await Store.open(self.db)
             stack.push_async_callback(store.close)
+            good: Config | None = None  # the last config that started
             while not self._stop.is_set():
                 self._reload.clear()
-                await self._run_config(self.config, store, session)
+                config = self.config
+                try:
+                    await self._run_config(config, store, session)
+                except _ListenFailed as exc:
+                    if good is None:
+                        raise BridgeError(str(exc)) from exc
+                    log.error("reload refused: %s; the previous config keeps running", exc)
+                    self.config = good
+                    redact_with(good.secrets())
+                    continue
+                good = config
 
     async def _run_config(
         self, config: Config, store: Store, session: aiohttp.ClientSession
@@ -91,8 +109,10 @@ class Bridge:
             name: build_target(name, cfg, session, store) for name, cfg in config.targets.items()
         }
         deliverer = Deliverer(store, targets, config.targets, on_outcome=self.metrics.delivery)
+        # Throttle and digest memory carries over a reload for the rules that keep their name.
+        self._router = Router(config, previous=self._router)
         pipeline = Pipeline(
-            store, Router(config), deliverer.wake, [self.metrics.event, *self.on_event]
+            store, self._router, deliverer.wake, [self.metrics.event, *self.on_event]
         )
         watchers = {
             s.name: Watcher(s, PollingSource(s, session), pipeline, metrics=self.metrics)
@@ -110,7 +130,13 @@ class Bridge:
             if config.server is not None:
                 from bridge.server import serve
 
-                await stack.enter_async_context(serve(self, config.server.listen))
+                try:
+                    await stack.enter_async_context(serve(self, config.server.listen))
+                except OSError as exc:  # the port is taken, the host does not resolve
+                    reason = exc.strerror or str(exc)
+                    raise _ListenFailed(
+                        f"cannot listen on {config.server.listen}: {reason}"
+                    ) from exc
             async with asyncio.TaskGroup() as group:
                 polls = [group.create_task(self._lead(w, store)) for w in watchers.values()]
                 delivering = group.create_task(deliverer.run())

@@ -170,6 +170,7 @@ class Deliverer:
                 held = [i for lane in self._lanes for i in lane.held]
                 if held:
                     await self._store.release(held)
+                    log.info("handed %d deliveries back to the outbox, to be sent later", len(held))
                 for lane in self._lanes:
                     lane.held.clear()
             finally:

@@ -227,7 +227,13 @@ class Router:
     """Routes events through the rules in order. One delivery per (event, target): when several
     rules send an event to the same target, the first one's text wins."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        previous: Router | None = None,
+    ) -> None:
         self._rules = [CompiledRule.build(r) for r in config.rules]
         # A webhook carries the event itself, never a title or body: no text is rendered for it.
         self._textless = frozenset(
@@ -237,6 +243,14 @@ class Router:
         self._throttled: dict[tuple[str, str, str], float] = {}  # (rule, source, subject) -> until
         self._windows: dict[str, float] = {}  # digest group -> when its window closes
         self._next_prune = 0.0
+        if previous is not None:
+            # A reload keeps what the rules that are still there remember: a throttled task
+            # stays throttled and an open digest window stays open across an edit of the file.
+            kept = {rule.name for rule in self._rules}
+            self._throttled = {k: v for k, v in previous._throttled.items() if k[0] in kept}
+            self._windows = {
+                k: v for k, v in previous._windows.items() if k.partition("|")[0] in kept
+            }
 
     def route(self, events: Sequence[Event], now: float | None = None) -> list[Delivery]:
         now = self._clock() if now is None else now
