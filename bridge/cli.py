@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,9 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mj-bridge {__version__}")
     parser.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON"
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="log lines as text or as one JSON object a line (default: text)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (default: info and up)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def config_arg(p: argparse.ArgumentParser) -> None:
@@ -80,20 +87,32 @@ def _parser() -> argparse.ArgumentParser:
         description="Start the embedded upstream simulator, the bridge and a local webhook "
         "receiver, play a scripted set of tasks, print every event and delivery, exit 0.",
     )
-    p.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="give up after this many seconds (default: 60)"
+    )
 
     p = sub.add_parser(
         "simulate",
         help="the upstream simulator alone, for trying rules against a realistic API",
-        description="Serve a simulated Midjourney task API (midjourney-proxy, trueai or new-api "
-        "flavour) with tasks moving through realistic lifecycles.",
+        description="Serve a simulated Midjourney task API (midjourney-proxy, nz, trueai or "
+        "new-api flavour) on 127.0.0.1 with tasks moving through realistic lifecycles.",
     )
-    p.add_argument("--port", type=int, default=8080)
     p.add_argument(
-        "--flavor", default="midjourney-proxy", choices=["midjourney-proxy", "trueai", "new-api"]
+        "--port", type=int, default=8080, help="the port to serve on, on 127.0.0.1 (default: 8080)"
     )
-    p.add_argument("--tasks", type=int, default=20, help="finished tasks to start with")
-    p.add_argument("--api-key", default="sim-key", help="the key clients must send")
+    p.add_argument(
+        "--flavor",
+        default="midjourney-proxy",
+        choices=["midjourney-proxy", "nz", "trueai", "new-api"],
+        help="which upstream to imitate: its paths, auth header and task JSON "
+        "(default: midjourney-proxy)",
+    )
+    p.add_argument(
+        "--tasks", type=int, default=20, help="finished tasks to start with (default: 20)"
+    )
+    p.add_argument(
+        "--api-key", default="sim-key", help="the key clients must send (default: sim-key)"
+    )
 
     p = sub.add_parser(
         "explain",
@@ -110,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Send one test notification to TARGET and report the outcome.",
     )
     config_arg(p)
-    p.add_argument("target")
+    p.add_argument("target", help="the target's name under targets: in the rules file")
 
     p = sub.add_parser(
         "track",
@@ -121,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_arg(p)
     db_arg(p)
-    p.add_argument("source")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("source", help="the source's name in the rules file")
+    p.add_argument("ids", nargs="+", metavar="ID", help="task ids to follow")
 
     p = sub.add_parser(
         "dlq",
@@ -136,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     db_arg(listing)
     replay = dlq.add_parser("replay", help="put dead letters back in the outbox")
     db_arg(replay)
-    replay.add_argument("ids", nargs="*", metavar="ID")
+    replay.add_argument(
+        "ids", nargs="*", metavar="ID", help="dead letter ids, as bridge dlq list shows them"
+    )
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
     return parser
 
@@ -170,6 +191,23 @@ def _read_json(path: str) -> Any:
         raise UsageError(f"{path}: cannot read the event JSON: {exc}") from exc
 
 
+def _free(port: int) -> None:
+    """Raises the OSError binding 127.0.0.1:`port` would (the port is taken), as a server binds."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+
+
+def _why(exc: OSError) -> str:
+    """An OSError as a few words (asyncio's bind error wraps them in a long sentence)."""
+    match exc.errno:
+        case errno.EADDRINUSE:
+            return "address already in use"
+        case errno.EACCES:
+            return "permission denied"
+    return exc.strerror or str(exc)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from bridge.config import load_config
 
@@ -194,8 +232,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "simulate":
             from bridge.simulator import serve
 
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(serve(args.port, args.flavor, args.tasks, args.api_key))
+            try:
+                _free(args.port)  # before the simulator sets up anything a failed bind would leave
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(serve(args.port, args.flavor, args.tasks, args.api_key))
+            except OSError as exc:
+                print(
+                    f"bridge: cannot listen on 127.0.0.1:{args.port}: {_why(exc)}", file=sys.stderr
+                )
+                return EXIT_FAILURE
             return EXIT_OK
         case "explain":
             from bridge.explain import explain

@@ -127,7 +127,11 @@ async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool
     if not await asyncio.to_thread(Path(db).exists):
         print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
         return EXIT_USAGE
-    if action == "replay" and bool(ids) == replay_all:
+    if action == "replay" and not ids and not replay_all:
+        print("bridge: dlq replay needs dead letter IDs (see bridge dlq list), or --all to "
+              "replay every one", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    if action == "replay" and ids and replay_all:
         print("bridge: dlq replay takes dead letter IDs or --all, not both", file=sys.stderr)
         return EXIT_USAGE
     async with await Store.open(db) as store:

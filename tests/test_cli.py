@@ -1,0 +1,96 @@
+"""The `bridge` command's own messages and exit codes: usage mistakes get one clear line and
+exit 2, a busy port one line and exit 1, and every option says what it does and its default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.cli import _parser, main
+from bridge.store import Store
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """main() sets up logging for the process, as `bridge` does; put it back after."""
+    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
+    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    apprise_log.setLevel(apprise_level)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> str:
+    path = str(tmp_path / "bridge.db")
+    async with await Store.open(path):
+        pass
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "dlq replay needs dead letter IDs (see bridge dlq list), or --all"),
+        (("abc", "--all"), "dlq replay takes dead letter IDs or --all, not both"),
+    ],
+    ids=["neither", "both"],
+)
+def test_dlq_replay_says_what_it_needs(
+    db: str, args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["dlq", "replay", "--db", db, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if not args:
+        assert "not both" not in err
+
+
+def _actions(parser: argparse.ArgumentParser, path: str = "bridge") -> Iterator[tuple[str, Any]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            yield path, action
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    missing = []
+    for path, action in _actions(_parser()):
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        has_default = bool(action.option_strings) and action.default not in (None, False, [])
+        if not action.help:
+            missing.append(f"{path} {name}: no help")
+        elif has_default and "default" not in action.help:
+            missing.append(f"{path} {name}: no default in its help")
+    assert missing == []
+
+
+def test_simulate_offers_every_flavour() -> None:
+    [flavor] = [a for p, a in _actions(_parser()) if p == "bridge simulate" and a.dest == "flavor"]
+    assert set(flavor.choices) == {"midjourney-proxy", "nz", "trueai", "new-api"}
+
+
+def test_simulate_on_a_busy_port_says_so_in_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge", "simulate", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr == f"bridge: cannot listen on 127.0.0.1:{port}: address already in use\n"
