@@ -199,8 +199,12 @@ async def test_success_lifecycle_midjourney_proxy(
     assert list(done) == NZ_KEYS
     assert done["progress"] == "100%"
     assert done["finishTime"] >= done["startTime"] >= done["submitTime"]
-    assert done["imageUrl"].startswith("https://cdn.discordapp.com/")
+    # Discord's CDN path, served by the simulator itself: a bridge that downloads it stays local.
+    assert done["imageUrl"].startswith(sim.url + "/attachments/")
     assert done["imageUrl"].endswith(".png")
+    async with session.get(done["imageUrl"]) as image:
+        assert image.status == 200
+        assert image.content_type == "image/png"
     assert done["description"] == "/imagine dog playing ball"
     props = done["properties"]
     assert props["discordInstanceId"]

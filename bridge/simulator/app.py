@@ -17,7 +17,7 @@ from aiohttp import web
 
 from bridge.errors import redact
 
-from .lifecycle import FAIL_CANCELLED_TA, Lifecycle, SimTask
+from .lifecycle import CHANNEL, FAIL_CANCELLED_TA, Lifecycle, SimTask
 from .render import NZ_LACKS, canonical_flavor, render, task_bytes
 from .routes import Api
 
@@ -78,6 +78,7 @@ class Simulator:
         bound = self._runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
+        self._life.cdn = f"{self.url}/attachments/{CHANNEL}"
         return self.url
 
     async def stop(self) -> None:

@@ -36,7 +36,11 @@ BANNED_WORDS = ("nsfw", "gore", "banned")
 
 DISCORD_EPOCH_MS = 1420070400000
 INSTANCE_ID = "1118138338562560102"
+# Where image URLs point: Discord's CDN path shape, served by the simulator itself once it
+# listens (Simulator.start sets `Lifecycle.cdn`), so a bridge that downloads images
+# (`attach_image`) never leaves the machine.
 CDN = "https://cdn.discordapp.com/attachments/1050703772185268251"
+CHANNEL = "1050703772185268251"
 BOT_USER = "1050702627576483930"
 
 # A plan is the list of transitions a task will make, one per tick.
@@ -93,6 +97,7 @@ class Lifecycle:
     """Creates tasks and advances them. `on_change(task)` is called after every change."""
 
     def __init__(self, seed: int = 0) -> None:
+        self.cdn = CDN
         self.rng = random.Random(seed)
         self._last_ms = 0
         self._oldest_ms: int | None = None
@@ -274,7 +279,7 @@ class Lifecycle:
     def image_url(self, task: SimTask, ext: str, ms: int) -> str:
         words = re.findall(r"[a-z0-9]+", task.prompt.lower().split("--")[0])[:6]
         slug = "_".join(words) or "image"
-        return f"{CDN}/{self.snowflake(ms)}/simuser_{slug}_{task.message_hash}.{ext}"
+        return f"{self.cdn}/{self.snowflake(ms)}/simuser_{slug}_{task.message_hash}.{ext}"
 
 
 def banned_word(prompt: str) -> str | None:

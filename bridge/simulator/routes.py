@@ -62,6 +62,8 @@ class Api:
             add("POST", "/mj/task/{id}/cancel", self._cancel)
         if new_api:
             add("GET", "/mj/image/{id}", self._image)
+        # The images the tasks' imageUrls point at (Discord's CDN path shape), for attach_image.
+        add("GET", "/attachments/{tail:.+}", self._attachment)
         add("POST", "/mj/submit/imagine", self._imagine)
         add("POST", "/mj/submit/change", self._change)
         add("POST", "/mj/submit/simple-change", self._simple_change)
@@ -289,6 +291,11 @@ class Api:
         if task is None or task.image_url is None:
             return r.json_response({"error": "image_url_not_found"}, 404)
         return web.Response(body=PNG, content_type="image/png")
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        tail = request.match_info["tail"]
+        kind = "image/webp" if tail.endswith(".webp") else "image/png"
+        return web.Response(body=PNG, content_type=kind)
 
     # /mj/submit/* ---------------------------------------------------------------------------------
 
