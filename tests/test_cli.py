@@ -94,3 +94,28 @@ def test_simulate_on_a_busy_port_says_so_in_one_line() -> None:
         )
     assert done.returncode == 1
     assert done.stderr == f"bridge: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("", "ok, but it defines no sources: the bridge would watch nothing (0 sources, 0 targets"),
+        (
+            "sources:\n  - {name: mj, base_url: 'http://127.0.0.1:9'}\n",
+            "ok, but it defines no rules: events would reach no target (1 sources, 0 targets",
+        ),
+        (
+            "sources:\n  - {name: mj, base_url: 'http://127.0.0.1:9'}\n"
+            "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - {name: r, to: t}\n",
+            "ok (1 sources, 1 targets, 1 rules)",
+        ),
+    ],
+    ids=["empty", "no-rules", "complete"],
+)
+def test_check_says_plainly_when_the_file_does_nothing(
+    tmp_path: Path, text: str, verdict: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    assert main(["check", "-c", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: {verdict}")

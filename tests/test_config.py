@@ -240,6 +240,55 @@ ERRORS = [
         id="bad-literal",
     ),
     pytest.param("server:\n  listen: nowhere\n", 2, 11, "HOST:PORT", id="bad-listen"),
+    pytest.param("server:\n  listen: '::1:8787'\n", 2, 11, "[::]:8787", id="listen-bare-ipv6"),
+    pytest.param("server:\n  listen: ':99999'\n", 2, 11, "HOST:PORT", id="listen-port-range"),
+    pytest.param(
+        "targets:\n  hook:\n    webhook: http://127.0.0.1:99999/x\n", 3, 14,
+        "targets.hook.webhook: has an invalid port", id="webhook-port-range",
+    ),
+    pytest.param(
+        "targets:\n  hook:\n    webhook: 'http://[::1/x'\n", 3, 14, "malformed [IPv6] host",
+        id="webhook-bad-ipv6",
+    ),
+    pytest.param(
+        "targets:\n  hook:\n    webhook: http://h:8o/x\n", 3, 14, "invalid port",
+        id="webhook-port-not-a-number",
+    ),
+    pytest.param(
+        "sources:\n  - name: mj\n    base_url: http://h:99999\n", 3, 15,
+        "sources[0].base_url: has an invalid port", id="base-url-port-range",
+    ),
+    pytest.param(
+        "targets:\n  art:\n    discord: https://discord.com/api/webhooks/1/tok\n"
+        "    api_base: http://127.0.0.1:99999/api\n", 4, 15, "invalid port",
+        id="discord-api-base-port",
+    ),
+    pytest.param(
+        "targets:\n  team:\n    slack: '#mj'\n    token: xoxb-1\n"
+        "    api_base: 'http://[::1/api'\n", 5, 15, "malformed [IPv6]", id="slack-api-base-ipv6",
+    ),
+    pytest.param(
+        "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - name: r\n    on: [task.failed]\n"
+        "    to: t\n    cancel: true\n", 6, 13, "cancel only acts on task.stalled",
+        id="cancel-without-stalled",
+    ),
+    pytest.param(
+        "sources:\n  - {name: midjourney, base_url: 'http://x'}\n"
+        "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - name: r\n    to: t\n"
+        "    when: {source: midjurney}\n", 7, 20,
+        "unknown source 'midjurney' (did you mean 'midjourney'?)", id="when-unknown-source",
+    ),
+    pytest.param(
+        "sources:\n  - {name: mj, base_url: 'http://x'}\n"
+        "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - name: r\n    to: t\n"
+        "    when:\n      source: [mj, other]\n", 8, 20, "unknown source 'other' (sources: mj)",
+        id="when-unknown-source-in-list",
+    ),
+    pytest.param(
+        "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - name: r\n    to: t\n"
+        "    when: {source: mj}\n", 5, 20, "unknown source 'mj' (no sources defined)",
+        id="when-source-none-defined",
+    ),
     pytest.param("rule: []\n", 1, 1, "unknown key 'rule' (did you mean 'rules'?)", id="top-key"),
     pytest.param("targets:\n  a: json://x\n  a: json://y\n", 3, 3, "duplicate key", id="dup-key"),
     pytest.param("rules:\n  - name: [\n", 3, 1, "invalid YAML", id="yaml-syntax"),
@@ -262,6 +311,33 @@ def test_error_points_at_node(
     assert (first.line, first.column) == (line, column), [str(p) for p in problems]
     assert phrase in first.message
     assert str(first).startswith(f"{path}:{line}:{column}: ")
+
+
+@pytest.mark.parametrize("listen", [":8787", "0.0.0.0:8787", "[::]:8787", "127.0.0.1:0"])
+def test_listen_on_every_interface(tmp_path: Path, listen: str) -> None:
+    config = load_config(write(tmp_path, f"server:\n  listen: '{listen}'\n"), {})
+    assert config.server is not None
+    assert config.server.listen == listen
+
+
+def test_what_rules_may_name_and_cancel(tmp_path: Path) -> None:
+    """The valid neighbours of the errors above: cancel where task.stalled can match, a `when`
+    source that exists or a regex over source names, an IPv6 webhook with its port."""
+    path = write(
+        tmp_path,
+        """\
+        sources:
+          - {name: mj, base_url: 'http://[::1]:8080'}
+        targets:
+          t: {webhook: 'http://[::1]:8080/in'}
+        rules:
+          - {name: a, on: 'task.*', to: t, cancel: true}
+          - {name: b, on: [task.stalled], to: t, cancel: true, when: {source: mj}}
+          - {name: c, to: t, when: {source: [/^m/, null]}}
+        """,
+    )
+    config = load_config(path, {})
+    assert [r.cancel for r in config.rules] == [True, True, False]
 
 
 def test_every_problem_at_once(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -40,7 +39,7 @@ from bridge.config.schema import (
     _target_kind,
 )
 from bridge.errors import ConfigError, Problem
-from bridge.models import EVENT_TYPES
+from bridge.models import EVENT_TYPES, EventType
 
 # --- reading YAML with positions ---------------------------------------------------------------
 
@@ -286,13 +285,9 @@ def _check_targets(doc: _Document, raw: dict[str, Any]) -> None:
             url_loc = (*loc, "url")
         if not isinstance(value, dict):
             continue
+        # A webhook's URL is checked by its schema.
         webhook, url, secret = value.get("webhook"), value.get("url"), value.get("secret")
-        if isinstance(webhook, str):
-            parts = urlsplit(webhook)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                doc.add(doc.at((*loc, "webhook")), f"{_dotted(loc)}.webhook: must be an http:// "
-                        "or https:// URL")  # fmt: skip
-        elif isinstance(url, str) and (problem := _apprise_problem(url)):
+        if webhook is None and isinstance(url, str) and (problem := _apprise_problem(url)):
             doc.add(doc.at(url_loc), f"{_dotted(loc)}: {problem}")
         if isinstance(secret, str) and secret.startswith("whsec_"):
             try:
@@ -302,7 +297,9 @@ def _check_targets(doc: _Document, raw: dict[str, Any]) -> None:
                         "whsec_ is not valid base64")  # fmt: skip
 
 
-def _check_rule(doc: _Document, i: int, rule: dict[str, Any], targets: Any) -> None:
+def _check_rule(
+    doc: _Document, i: int, rule: dict[str, Any], targets: Any, sources: list[str]
+) -> None:
     loc: Loc = ("rules", i)
     on = _as_list(rule.get("on", ["*"]))
     types: set[str] = set()
@@ -340,6 +337,10 @@ def _check_rule(doc: _Document, i: int, rule: dict[str, Any], targets: Any) -> N
                 )
                 doc.add(where, f"rules[{i}].to: unknown target '{name}'{hint}")
 
+    if rule.get("cancel") is True and types and EventType.STALLED not in types:
+        doc.add(doc.at((*loc, "cancel")), f"rules[{i}].cancel: cancel only acts on task.stalled "
+                "events, and this rule's on: never matches task.stalled")  # fmt: skip
+
     when = rule.get("when")
     for key, value in when.items() if isinstance(when, dict) else []:
         key_loc = (*loc, "when", key)
@@ -355,11 +356,17 @@ def _check_rule(doc: _Document, i: int, rule: dict[str, Any], targets: Any) -> N
         if not items:
             doc.add(doc.at(key_loc), f"rules[{i}].when.{key}: an empty list matches nothing")
         for j, item in enumerate(items):
+            where = doc.at((*key_loc, j)) if isinstance(value, list) else doc.at(key_loc)
             try:
-                rules.parse_matcher(item)
+                matcher = rules.parse_matcher(item)
             except ValueError as exc:
-                where = doc.at((*key_loc, j)) if isinstance(value, list) else doc.at(key_loc)
                 doc.add(where, f"rules[{i}].when.{key}: {exc}")
+                continue
+            if key == "source" and matcher.text is not None and matcher.text not in sources:
+                hint = rules.suggest(matcher.text, sources) or (
+                    f" (sources: {', '.join(sources)})" if sources else " (no sources defined)"
+                )
+                doc.add(where, f"rules[{i}].when.source: unknown source '{matcher.text}'{hint}")
 
     group = rule.get("group")
     by = group.get("by") if isinstance(group, dict) else None
@@ -397,10 +404,14 @@ def _check_server(doc: _Document, raw: dict[str, Any]) -> None:
     listen = server.get("listen") if isinstance(server, dict) else None
     if not isinstance(listen, str):
         return
-    host, sep, port = listen.rpartition(":")
-    if not (sep and host and port.isdigit() and int(port) <= 65535):
-        doc.add(doc.at(("server", "listen")), "server.listen: expected HOST:PORT such as "
-                "127.0.0.1:8787")  # fmt: skip
+    host, sep, port = listen.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if not (sep and port.isdigit() and int(port) <= 65535) or (
+        # an IPv6 host is written in brackets, so its colons are not the port's
+        not bracketed and any(c in host for c in ":[]")
+    ):
+        doc.add(doc.at(("server", "listen")), "server.listen: expected HOST:PORT, or :PORT for "
+                "every interface, such as 127.0.0.1:8787, :8787 or [::]:8787")  # fmt: skip
 
 
 def _cross_check(doc: _Document, raw: dict[str, Any]) -> None:
@@ -408,10 +419,16 @@ def _cross_check(doc: _Document, raw: dict[str, Any]) -> None:
     _check_unique(doc, raw, "rules")
     _check_targets(doc, raw)
     _check_server(doc, raw)
+    source_list = raw.get("sources")
+    sources = [
+        s["name"]
+        for s in (source_list if isinstance(source_list, list) else [])
+        if isinstance(s, dict) and isinstance(s.get("name"), str)
+    ]
     rule_list = raw.get("rules")
     for i, rule in enumerate(rule_list if isinstance(rule_list, list) else []):
         if isinstance(rule, dict):
-            _check_rule(doc, i, rule, raw.get("targets"))
+            _check_rule(doc, i, rule, raw.get("targets"), sources)
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -60,6 +61,31 @@ def parse_rate(value: object) -> tuple[int, float]:
     raise ValueError(f"{value!r} is not a rate such as 30/min, 5/s or 100/h")
 
 
+def http_url_problem(value: str) -> str | None:
+    """Why `value` is not an http(s) URL the bridge can connect to, or None. Never echoes the
+    value: it may carry credentials."""
+    if not re.match(r"^https?://[^\s/?#]+", value):
+        return "must be an http:// or https:// URL"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:  # urlsplit's own words would quote the URL
+        if "IPv6" in str(exc):
+            return "has a malformed [IPv6] host (a bracket is missing or misplaced)"
+        return "has an invalid port (expected a number from 1 to 65535)"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has an invalid port (expected a number from 1 to 65535)"
+    return None
+
+
+def _http_url(value: str) -> str:
+    if problem := http_url_problem(value):
+        raise ValueError(problem)
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Rate = Annotated[tuple[int, float], BeforeValidator(parse_rate)]
 
@@ -84,11 +110,8 @@ class SourceConfig(Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
-            # The value is not echoed: it may carry credentials.
-            raise ValueError("base_url must be an http:// or https:// URL")
-        return value.rstrip("/")
+    def _base_url(cls, value: str) -> str:
+        return _http_url(value).rstrip("/")
 
 
 class TargetCommon(Strict):
@@ -111,6 +134,8 @@ class WebhookTargetConfig(TargetCommon):
     secret: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
+    _webhook = field_validator("webhook")(_http_url)
+
 
 # A Discord webhook URL: https://discord.com/api/webhooks/{id}/{token}, optionally ?thread_id=...
 DISCORD_WEBHOOK = re.compile(
@@ -120,9 +145,7 @@ DISCORD_WEBHOOK = re.compile(
 
 
 def _api_base(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
-        raise ValueError("api_base must be an http:// or https:// URL")
-    return value.rstrip("/")
+    return _http_url(value).rstrip("/")
 
 
 class ChatTargetCommon(TargetCommon):
