@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.config import Config
+from bridge.config import Config, WebhookTargetConfig
 from bridge.errors import BridgeError
-from bridge.models import Event
-from bridge.rules import Router
+from bridge.models import EVENT_TYPES, Event
+from bridge.rules import Router, suggest
 
 
 class EventError(BridgeError, ValueError):
@@ -28,6 +28,10 @@ def parse_event(body: Any) -> Event:
                 '"data": {"task": {...}}}'
             )
         raise EventError("the event has no 'type' (expected a CloudEvents event)")
+    if body["type"] not in EVENT_TYPES:
+        # No rule could ever see it (and `on: "*"` would seem to match it here): refuse.
+        hint = suggest(body["type"], EVENT_TYPES) or f" (known: {', '.join(EVENT_TYPES)})"
+        raise EventError(f"'{body['type']}' is not a known event type{hint}")
     if body.get("data") is not None and not isinstance(body["data"], dict):
         raise EventError("the event's 'data' must be an object")
     try:
@@ -58,6 +62,19 @@ def explain(config: Config, body: dict[str, Any]) -> str:
         for delivery in match.deliveries:
             targets += 1
             lines.append(f"  -> {delivery.target}")
+            target = config.targets.get(delivery.target)
+            if isinstance(target, WebhookTargetConfig):
+                # The router renders no text for a webhook: it POSTs the event as it is.
+                signed = "signed, " if target.secret else ""
+                if delivery.group is None:
+                    how, what = "as JSON", f"webhook-id {event.id}"
+                else:
+                    how, what = "in the digest's JSON array", f"id {event.id}"
+                lines.append(
+                    f"     receives the CloudEvent itself {how} (type {event.type}, {what}; "
+                    f"{signed}no title or body)"
+                )
+                continue
             lines.append(f"     title: {delivery.title}")
             lines.append("     body:")
             lines.append(_indent(delivery.body, "       "))

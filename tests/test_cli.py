@@ -119,3 +119,14 @@ def test_check_says_plainly_when_the_file_does_nothing(
     path.write_text(text)
     assert main(["check", "-c", str(path)]) == 0
     assert capsys.readouterr().out.startswith(f"{path}: {verdict}")
+
+
+def test_explain_refuses_an_unknown_event_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "rules.yaml"
+    config.write_text("targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - {name: r, to: t}\n")
+    event = tmp_path / "event.json"
+    event.write_text('{"type": "task.nope", "source": "bridge/mj", "subject": "1"}')
+    assert main(["explain", "-c", str(config), str(event)]) == 2
+    assert capsys.readouterr().err.startswith("bridge: 'task.nope' is not a known event type")

@@ -68,7 +68,11 @@ def test_matching_rules_and_rendered_text() -> None:
     assert "       Reason: [Invalid parameter] Invalid aspect ratio" in report
     # the digest rule matches too, but slack already gets the event from the first rule
     assert "note: slack: already gets this event from rule 'failures'" in report
-    assert "  -> pipeline" in report
+    # a webhook gets the event itself, in the digest's batch here: no text is rendered for it
+    assert (
+        "  -> pipeline\n     receives the CloudEvent itself in the digest's JSON array "
+        "(type task.failed, id evt_0123; no title or body)\n"
+    ) in report
     assert "digest group 'digest|source=mj'" in report
     assert "rule done: no match: on [task.succeeded] does not include task.failed" in report
     assert report.endswith("2 target(s) would be notified; nothing was sent.")
@@ -79,6 +83,28 @@ def test_first_failing_condition_is_named() -> None:
     assert "rule failures: no match: when action: has 'UPSCALE', wanted 'IMAGINE' or 'BLEND'" in (
         report
     )
+
+
+def test_a_webhook_target_gets_the_event_not_text() -> None:
+    config = Config.model_validate(
+        {
+            "targets": {
+                "pipeline": {
+                    "webhook": "http://127.0.0.1:9/in",
+                    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                },
+            },
+            "rules": [{"name": "done", "on": "task.*", "to": "pipeline", "title": "x"}],
+        }
+    )
+    report = explain(config, body("task.succeeded", status="SUCCESS"))
+    assert report.splitlines()[2:5] == [
+        "rule done: matches",
+        "  -> pipeline",
+        "     receives the CloudEvent itself as JSON (type task.succeeded, webhook-id evt_0123; "
+        "signed, no title or body)",
+    ]
+    assert "title:" not in report
 
 
 def test_round_trip_of_a_webhook_body() -> None:
@@ -95,6 +121,8 @@ def test_round_trip_of_a_webhook_body() -> None:
         ({"specversion": "1.0"}, "no 'type'"),
         ({"type": "task.failed", "data": "x"}, "'data' must be an object"),
         ({"type": "task.failed", "time": "yesterday"}, "not a CloudEvents event"),
+        ({"type": "task.nope"}, "'task.nope' is not a known event type"),
+        ({"type": "task.faild"}, "(did you mean 'task.failed'?)"),
     ],
 )
 def test_bad_input_is_a_message_not_a_traceback(payload: Any, phrase: str) -> None:
