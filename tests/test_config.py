@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -443,3 +444,27 @@ def test_parse_duration_rejects(text: object) -> None:
 )
 def test_parse_rate(text: str, rate: tuple[int, float]) -> None:
     assert parse_rate(text) == rate
+
+
+def test_the_documented_schema_loads(tmp_path: Path) -> None:
+    """docs/rules.md's "The whole file" is a valid file naming every key, each with its default."""
+    docs = Path(__file__).parent.parent / "docs" / "rules.md"
+    block = docs.read_text().split("## The whole file")[1].split("```yaml\n")[1].split("```")[0]
+    env = {
+        "MJ_BASE_URL": "http://127.0.0.1:9",
+        "MJ_API_KEY": "k",
+        "MJ_PUSH_TOKEN": "t",
+        "SLACK_URL": "json://127.0.0.1:9",
+        "PIPELINE_SECRET": ENV["PIPELINE_SECRET"],
+        "DISCORD_WEBHOOK": "https://discord.com/api/webhooks/1/abc",
+        "SLACK_BOT_TOKEN": "xoxb-1",
+    }
+    config = load_config(write(tmp_path, block), env)
+    documented = set(re.findall(r"^\s*(?:#\s*|-\s+)?([a-z_]+):", block, re.MULTILINE))
+    for model in (
+        type(config),
+        type(config.sources[0]),
+        *(type(t) for t in config.targets.values()),
+        type(config.rules[0]),
+    ):
+        assert set(model.model_fields) - {"kind"} <= documented, model.__name__
