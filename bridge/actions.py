@@ -21,6 +21,9 @@ log = logging.getLogger("bridge.actions")
 
 SEED_LIMIT = 200  # seeds asked per change at most (a backfill of 100k successes asks none beyond)
 SEED_CONCURRENCY = 8
+# A seed is asked inside the watcher's lock, before the commit: a slow seed API must not hold the
+# event (nor the source's next polls) for a whole source timeout.
+SEED_TIMEOUT = 2.0
 
 
 class UpstreamActions:
@@ -56,8 +59,9 @@ class UpstreamActions:
             await self._seeds(events)
 
     async def _seeds(self, events: list[Event]) -> None:
-        """enrich: [seed]: the seed of each newly succeeded task, asked once. A failure is logged
-        and the event goes without it."""
+        """enrich: [seed]: the seed of each newly succeeded task, asked once, all at once, each
+        within SEED_TIMEOUT (or the source's timeout when shorter). A failure or no answer in
+        time is logged and the event goes without the seed."""
         wanted = [
             e
             for e in events
@@ -74,13 +78,31 @@ class UpstreamActions:
             )
             wanted = wanted[-SEED_LIMIT:]
         gate = asyncio.Semaphore(SEED_CONCURRENCY)
+        timeout = min(self.config.timeout, SEED_TIMEOUT)
+        hung: list[str] = []  # tasks of this change whose seed got no answer in time
+        skipped: list[str] = []  # and those not asked after that
 
         async def one(event: Event) -> None:
             assert event.task is not None
             async with gate:
+                if hung:  # the seed API hangs: the rest of this change goes without seeds
+                    skipped.append(event.subject)
+                    return
                 try:
-                    seed = await self.source.image_seed(event.subject)
+                    async with asyncio.timeout(timeout):
+                        seed = await self.source.image_seed(event.subject)
+                except TimeoutError:
+                    hung.append(event.subject)
+                    log.warning(
+                        "%s: no seed for task %s: no answer within %gs",
+                        self.config.name,
+                        event.subject,
+                        timeout,
+                    )
+                    return
                 except SourceError as exc:
+                    if exc.reason == "timeout":
+                        hung.append(event.subject)
                     log.warning(
                         "%s: no seed for task %s (%s): %s",
                         self.config.name,
@@ -97,6 +119,14 @@ class UpstreamActions:
                 event.task["seed"] = seed
 
         await asyncio.gather(*(one(e) for e in wanted))
+        if skipped:
+            log.warning(
+                "%s: the seed API did not answer within %gs: %d more task(s) of this change go "
+                "without a seed",
+                self.config.name,
+                timeout,
+                len(skipped),
+            )
 
     async def act(self, events: Sequence[Event], router: Router) -> None:
         """Rules with `cancel: true` on task.stalled: POST /mj/task/{id}/cancel once per stall;

@@ -1,14 +1,18 @@
 """`enrich: [seed]` and `cancel: true` against the simulator: the seed rides on task.succeeded
-(and its absence never holds the event back); a stalled task is cancelled once and the next event
-says what happened."""
+(and its absence, or a seed API that hangs, never holds the event back); a stalled task is
+cancelled once and the next event says what happened."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from bridge import actions
+from tests import test_junk
 from tests.test_modes import Rig, rig
 
 STALL_RULES = [
@@ -56,8 +60,46 @@ async def test_a_failed_seed_lookup_never_holds_the_event(
         r.sim.fault = "500"  # the seed endpoint fails; the pushed change still goes out
         new = await r.watcher.push([task])
         assert [e.type for e in new] == ["task.succeeded"]
-        assert "seed" not in new[0].task
+        assert "seed" not in (new[0].task or {})
         assert "no seed for task" in caplog.text
+
+
+async def test_a_hanging_seed_api_holds_the_event_only_briefly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(actions, "SEED_TIMEOUT", 0.2)
+    release = asyncio.Event()
+    async with test_junk.rig(tmp_path, "midjourney-proxy", enrich=["seed"], timeout="30s") as r:
+        await r.poll()
+        slow = r.sim.add_task("a seed that never comes", outcome="success", steps=1)
+        quick = r.sim.add_task("a seed that comes", outcome="success", steps=1)
+        r.sim.tick(5)
+
+        async def hang(request: web.Request) -> web.StreamResponse | None:
+            if request.path == f"/mj/task/{slow}/image-seed":
+                await release.wait()  # no answer while the test runs
+                return web.Response(status=504)
+            return None
+
+        r.proxy.rewrite = hang
+        tasks = [r.sim.task(slow), r.sim.task(quick)]
+        try:
+            # A guard, not a speed check: unbounded, the seed would wait out the 30s timeout.
+            async with asyncio.timeout(10):
+                new = await r.watcher.push([t for t in tasks if t is not None])
+        finally:
+            release.set()
+        assert {(e.subject, e.type) for e in new} == {
+            (slow, "task.succeeded"),
+            (quick, "task.succeeded"),
+        }
+        seeds = {e.subject: (e.task or {}).get("seed") for e in new}
+        assert seeds == {slow: None, quick: r.sim._tasks[quick].seed}  # asked at the same time
+        assert f"no seed for task {slow}: no answer within 0.2s" in caplog.text
+        # The source goes on: the next poll reads as usual.
+        assert r.watcher.status.up
+        await r.poll()
+        assert r.watcher.status.last_error is None
 
 
 async def test_without_enrich_no_seed_is_asked(tmp_path: Path) -> None:

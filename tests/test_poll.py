@@ -76,6 +76,10 @@ class Upstream:
                 return web.json_response(["1748339029401828"])
             case "empty":
                 return web.Response(body=b"", content_type="application/json")
+            case "junk":
+                return web.json_response([{"foo": 1}, {"id": None}])
+            case "some_junk":
+                return web.json_response([mj_task("9"), {"id": None}, {"id": ""}])
         return web.Response(status=int(fault), text=f"{fault} {KEY} echoed")
 
 
@@ -120,6 +124,53 @@ async def test_poll_reads_the_list_and_normalises(
     assert snapshot.complete
     assert src.dropped == 1
     assert [r[:2] for r in upstream.requests] == [("GET", "/mj/task/list")]
+
+
+async def test_a_list_of_junk_rows_is_a_bad_payload_not_an_empty_list(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.tasks = [mj_task("1", "IN_PROGRESS", "10%")]
+    upstream.fault = "junk"
+    with pytest.raises(SourceError, match=r"none of the 2 rows is a task with a usable id") as e:
+        await source(upstream.url, session).poll(tracked_unfinished=["1"])
+    assert e.value.reason == "bad_payload"
+    assert "no id: 2" in str(e.value)
+    assert KEY not in str(e.value)
+
+
+async def test_a_list_with_some_junk_is_used_but_concludes_nothing_missing(
+    upstream: Upstream, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream.tasks = [mj_task("2"), {"id": None, "status": "IN_PROGRESS"}]
+    src = source(upstream.url, session)
+    snapshot = await src.poll(tracked_unfinished=["1"])  # "1" may be the row without an id
+    assert snapshot.tasks == [mj_task("2")]
+    assert snapshot.missing == frozenset()
+    assert src.dropped == 1
+    assert ("POST", "/mj/task/list-by-condition") in [r[:2] for r in upstream.requests]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.startswith("mj: 1 task row(s) without a usable id (no id: 1) from GET ")
+    assert "no task is concluded missing" in line
+
+
+@pytest.mark.parametrize(
+    ("fault", "missing"),
+    [(None, {"1"}), ("some_junk", set()), ("junk", None)],
+    ids=["clean", "some-junk", "only-junk"],
+)
+async def test_a_lookup_with_junk_concludes_nothing(
+    upstream: Upstream, session: aiohttp.ClientSession, fault: str | None, missing: set[str] | None
+) -> None:
+    upstream.tasks = [mj_task("2")]
+    upstream.by_ids_fault = fault
+    src = source(upstream.url, session)
+    if missing is None:
+        with pytest.raises(SourceError, match="list-by-condition: none of the 2 rows") as e:
+            await src.poll(tracked_unfinished=["1"])
+        assert e.value.reason == "bad_payload"
+        return
+    assert (await src.poll(tracked_unfinished=["1"])).missing == missing
+    assert await src.lookup(["1"]) == ([], frozenset(missing))
 
 
 async def test_steady_state_is_one_request_per_poll(

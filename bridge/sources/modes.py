@@ -9,6 +9,9 @@ of poll.py into one Snapshot per poll. Pipeline: **source** -> snapshot -> diff 
   finished between two polls is still seen because every tracked unfinished id is looked up.
 - ids: only the tasks the bridge knows (pass-through submits, /track, push callbacks), through
   list-by-condition or, where that is missing, fetch.
+
+Every read is one `PollingSource.look()`: a read that met rows without a usable id concludes no
+task missing (an unusable row may be one of them), and its junk is logged once.
 """
 
 from __future__ import annotations
@@ -63,17 +66,18 @@ class ActiveReader:
             snapshot = await self.source.poll(tracked)
             self.last_full = now
             return snapshot
-        if self.discover == "query":
-            tasks = await self._query(known)
-        else:
-            tasks = (await self.source.queue()).tasks
-        seen = {task["id"] for task in tasks}
-        absent = [tid for tid in tracked if tid not in seen]
-        missing: frozenset[str] = frozenset()
-        if absent:
-            found, missing = await self.source.lookup(absent)
-            tasks = tasks + found
-        return Snapshot(tasks, missing, complete=False)
+        with self.source.look() as look:
+            if self.discover == "query":
+                tasks = await self._query(known)
+            else:
+                tasks = (await self.source.queue()).tasks
+            seen = {task["id"] for task in tasks}
+            absent = [tid for tid in tracked if tid not in seen]
+            missing: frozenset[str] = frozenset()
+            if absent:
+                found, missing = await self.source.lookup(absent)
+                tasks = tasks + found
+            return Snapshot(tasks, frozenset() if look.junk else missing, complete=False)
 
     async def _query(self, known: Container[str]) -> list[dict[str, Any]]:
         """Every unfinished task (pages while they are full), then the newest pages until one
@@ -101,14 +105,17 @@ class IdsReader:
     mode: str = "ids"
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
-        if not tracked:
-            # Nothing to follow: one empty lookup keeps the source's health (and /readyz) honest.
+        with self.source.look():
+            if not tracked:
+                # Nothing to follow: one empty lookup keeps the source's health (and /readyz)
+                # honest.
+                if self.via == "condition":
+                    await self.source.check_lookup()
+                return Snapshot([], complete=False)
             if self.via == "condition":
-                await self.source.check_lookup()
-            return Snapshot([], complete=False)
-        if self.via == "condition":
-            found, missing = await self.source.lookup(tracked)
-            return Snapshot(found, missing, complete=False)
+                found, missing = await self.source.lookup(tracked)
+                return Snapshot(found, missing, complete=False)
+        # fetch answers one task per request: a junk answer fails the poll (bad_payload).
         tasks: list[dict[str, Any]] = []
         gone: set[str] = set()
         for tid in tracked:

@@ -5,7 +5,8 @@ The quirks of the real servers (docs reference, sections 4 and 5), and what happ
 
 - `status: null` (and a fresh new-api row's `""`) becomes `""`, which ranks as NOT_START; a status
   that is not a string (never seen, but cheap to survive) becomes its text.
-- A numeric `id` becomes its text; a task without a usable id is dropped with a reason.
+- A numeric `id` becomes its text; a task without a usable id is dropped with a reason (what a
+  drop means for a poll, a lookup and the probe is poll.py's call: never "the task is gone").
 - `progress` stays as sent: FAILURE `""` (midjourney-proxy) and FAILURE `"100%"` (new-api) never
   produce progress events because the diff reads progress only while IN_PROGRESS.
 - `imageUrl` stays as sent (previews while running, new-api's `?rand=<ns>`); the diff never compares

@@ -6,11 +6,21 @@ A list-mode poll is GET {base_url}/mj/task/list, then POST /mj/task/list-by-cond
 tracked unfinished task the list did not contain (capped lists such as trueai's 100 newest), in
 batches of at most 100 ids. What that lookup does not find goes to `Snapshot.missing`; the diff
 decides when it has vanished. Nothing is concluded from a failed request: the poll fails instead.
+
+Rows without a usable id (`{"id": null}`, `{"foo": 1}`) are junk, not tasks. An answer of junk
+only is a bad payload (UnusableRows): the poll fails and counts towards source.down. An answer with
+some junk is used, but a poll that met any (its `Look`) concludes nothing missing, since the junk
+may be the very tasks it looked for; its junk is logged once, in one warning line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import logging
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -20,9 +30,17 @@ import orjson
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot
 from bridge.errors import Redactor, SourceError
-from bridge.sources.normalize import Normalized, normalize_task, normalize_tasks, parse_tasks
+from bridge.sources.normalize import (
+    Dropped,
+    Normalized,
+    normalize_task,
+    normalize_tasks,
+    parse_tasks,
+)
 
-__all__ = ["BATCH", "PollingSource", "auth_headers"]
+__all__ = ["BATCH", "Look", "PollingSource", "UnusableRows", "auth_headers"]
+
+log = logging.getLogger("bridge.sources")
 
 BATCH = 100  # ids per list-by-condition call (trueai and new-api read them from a DB in one query)
 _LIST = "/mj/task/list"
@@ -45,6 +63,39 @@ def auth_headers(auth: str, api_key: str | None) -> dict[str, str]:
     return {}
 
 
+class UnusableRows(SourceError):
+    """An answer of task rows none of which has a usable id (or, to the probe, any such row): the
+    endpoint is there but serves junk now. A bad payload, never taken for an empty list."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_payload", message)
+
+
+@dataclass(slots=True)
+class Look:
+    """The rows without a usable id met by the requests of one poll: how many, why and where."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+    where: list[str] = field(default_factory=list)
+
+    @property
+    def junk(self) -> int:
+        return self.reasons.total()
+
+    def add(self, where: str, dropped: Sequence[Dropped]) -> None:
+        self.reasons.update(d.reason for d in dropped)
+        if where not in self.where:
+            self.where.append(where)
+
+    def describe(self) -> str:
+        return f"{self.junk} task row(s) without a usable id ({_why(self.reasons)}) from " + (
+            ", ".join(self.where)
+        )
+
+
+_LOOK: ContextVar[Look | None] = ContextVar("bridge_sources_look", default=None)
+
+
 class PollingSource:
     """Reads one upstream. The session is shared and owned by the caller: never closed here."""
 
@@ -55,50 +106,68 @@ class PollingSource:
         self._headers = {"Accept": "application/json", **auth_headers(config.auth, config.api_key)}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([config.api_key] if config.api_key else [])
-        self.dropped = 0  # tasks without a usable id seen in the last poll (for logs/metrics)
+        self.dropped = 0  # rows without a usable id met by the last poll (for metrics, tests)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         """The shared session (the pass-through forwards client requests through it)."""
         return self._session
 
+    @contextmanager
+    def look(self) -> Iterator[Look]:
+        """The span of one poll: the junk rows its requests meet gather here, and when it ends
+        without an error they are logged in one warning line (a failed poll has its own line).
+        A look inside a look is the outer one."""
+        outer = _LOOK.get()
+        if outer is not None:
+            yield outer
+            return
+        look = Look()
+        token = _LOOK.set(look)
+        try:
+            yield look
+        finally:
+            _LOOK.reset(token)
+        self.dropped = look.junk
+        if look.junk:
+            log.warning(
+                "%s: %s; no task is concluded missing from this poll",
+                self.name,
+                self._redact(look.describe()),
+            )
+
     async def poll(self, tracked_unfinished: Collection[str] = ()) -> Snapshot:
         """The whole list plus lookups of the tracked unfinished tasks it did not contain."""
-        listed = await self._request("GET", _LIST)
-        tasks = listed.tasks
-        dropped = len(listed.dropped)
-        missing: frozenset[str] = frozenset()
-        if tracked_unfinished:
-            ids = {task["id"] for task in tasks}
-            absent = [tid for tid in tracked_unfinished if tid not in ids]
-            if absent:
-                found, dropped_by_id = await self._lookup(absent)
-                dropped += dropped_by_id
-                tasks = tasks + found
-                missing = frozenset(absent) - {task["id"] for task in found}
-        self.dropped = dropped
-        return Snapshot(tasks, missing)
+        with self.look() as look:
+            tasks = (await self._request("GET", _LIST)).tasks
+            missing: frozenset[str] = frozenset()
+            if tracked_unfinished:
+                ids = {task["id"] for task in tasks}
+                absent = [tid for tid in tracked_unfinished if tid not in ids]
+                if absent:
+                    found = await self._lookup(absent)
+                    tasks = tasks + found
+                    missing = frozenset(absent) - {task["id"] for task in found}
+            return Snapshot(tasks, frozenset() if look.junk else missing)
 
-    async def check_lookup(self) -> None:
+    async def check_lookup(self) -> Normalized:
         """An empty list-by-condition: proves the endpoint answers when nothing is tracked."""
-        await self._request("POST", _BY_IDS, {"ids": []})
+        return await self._request("POST", _BY_IDS, {"ids": []})
 
     async def fetch_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
         """The tasks with these ids (unknown ids are simply not in the result)."""
-        found, _ = await self._lookup(list(dict.fromkeys(ids)))
-        return found
+        with self.look():
+            return await self._lookup(list(dict.fromkeys(ids)))
 
-    async def _lookup(self, ids: list[str]) -> tuple[list[dict[str, Any]], int]:
+    async def _lookup(self, ids: list[str]) -> list[dict[str, Any]]:
         wanted = set(ids)
         found: list[dict[str, Any]] = []
-        dropped = 0
         for start in range(0, len(ids), BATCH):
             batch = ids[start : start + BATCH]
             result = await self._request("POST", _BY_IDS, {"ids": batch})
             # Some servers answer with more than was asked (or echo the list): keep what we asked.
             found += [task for task in result.tasks if task["id"] in wanted]
-            dropped += len(result.dropped)
-        return found, dropped
+        return found
 
     async def list_tasks(self) -> Normalized:
         """GET /mj/task/list: every task the server lists (trueai: the newest 100)."""
@@ -120,19 +189,19 @@ class PollingSource:
         content = data.get("content")
         if not isinstance(content, list):
             raise SourceError("bad_payload", f"{where}: expected a Spring page with content[]")
-        try:
-            normalized = normalize_tasks(content)
-        except SourceError as exc:  # pragma: no cover - normalize_tasks drops, never raises
-            raise SourceError(exc.reason, f"{where}: {exc}") from exc
+        normalized = self._usable(where, normalize_tasks(content))
         last = data.get("last")
         return normalized, bool(last) if isinstance(last, bool) else len(content) < size
 
     async def lookup(self, ids: Collection[str]) -> tuple[list[dict[str, Any]], frozenset[str]]:
-        """The tasks with these ids through list-by-condition, and the ids it did not find."""
+        """The tasks with these ids through list-by-condition, and the ids it did not find (none
+        when the poll met junk rows: an unusable row may be one of them)."""
         wanted = list(dict.fromkeys(ids))
-        found, dropped = await self._lookup(wanted)
-        self.dropped += dropped
-        return found, frozenset(wanted) - {task["id"] for task in found}
+        with self.look() as look:
+            found = await self._lookup(wanted)
+            if look.junk:
+                return found, frozenset()
+            return found, frozenset(wanted) - {task["id"] for task in found}
 
     async def fetch(self, task_id: str) -> dict[str, Any] | None:
         """GET /mj/task/{id}/fetch; None when the server does not know the id (midjourney-proxy:
@@ -191,9 +260,24 @@ class PollingSource:
         where, _, content_type, payload = await self._send(method, path, data)
         _refuse_html(where, content_type, payload)
         try:
-            return parse_tasks(payload)
+            result = parse_tasks(payload)
         except SourceError as exc:
             raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
+        return self._usable(where, result)
+
+    def _usable(self, where: str, result: Normalized) -> Normalized:
+        """A list of junk only is a bad payload, never an empty list; some junk joins the look."""
+        if result.dropped:
+            if not result.tasks:
+                reasons = Counter(d.reason for d in result.dropped)
+                raise UnusableRows(
+                    f"{where}: none of the {len(result.dropped)} rows is a task with a usable id "
+                    f"({_why(reasons)})"
+                )
+            look = _LOOK.get()
+            if look is not None:
+                look.add(where, result.dropped)
+        return result
 
     async def _send(
         self, method: str, path: str, data: bytes | None, *, strict: bool = True
@@ -227,6 +311,10 @@ class PollingSource:
             raise SourceError(
                 "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
             ) from exc
+
+
+def _why(reasons: Counter[str]) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
 
 
 def _refuse_html(where: str, content_type: str, payload: bytes) -> None:

@@ -6,7 +6,8 @@ The order, cheapest first: /mj/task/query (plus) or /mj/task/queue (midjourney-p
 /mj/task/list (trueai caps it at 100, so reading it whole is cheap) -> list; list-by-condition or
 fetch alone (new-api relays) -> ids. An endpoint that is missing (404, 405, new-api's HTML page,
 an answer of the wrong shape) is skipped; any other failure (timeout, auth, 5xx on the list) fails
-the probe like a failed poll, and the watcher probes again at the next poll.
+the probe like a failed poll, and the watcher probes again at the next poll. So does an answer with
+rows without a usable id: the endpoint is there but serves junk now, which proves nothing about it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bridge.config import SourceConfig
 from bridge.errors import SourceError
 from bridge.models import UNFINISHED
 from bridge.sources.modes import ActiveReader, IdsReader, ListReader, Reader
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import PollingSource, UnusableRows
 
 __all__ = ["choose_reader"]
 
@@ -30,28 +31,36 @@ _ABSENT = frozenset({"not_a_task_api", "bad_payload"})
 _OPTIONAL_ABSENT = _ABSENT | {"server_error"}
 
 
-async def _serves(call: Awaitable[object], absent: frozenset[str]) -> bool:
-    try:
-        await call
-    except SourceError as exc:
-        if exc.reason in absent:
-            return False
-        raise
+async def _serves(source: PollingSource, call: Awaitable[object], absent: frozenset[str]) -> bool:
+    with source.look() as look:
+        try:
+            await call
+        except UnusableRows:
+            raise  # there, but serving junk: decide at the next poll, not now
+        except SourceError as exc:
+            if exc.reason in absent:
+                return False
+            raise
+        if look.junk:
+            raise UnusableRows(
+                f"{look.describe()}: not taken as a working endpoint; probing again at the next "
+                "poll"
+            )
     return True
 
 
 async def _discovery(source: PollingSource) -> Discover | None:
-    if await _serves(source.query(UNFINISHED, 0, 1), _OPTIONAL_ABSENT):
+    if await _serves(source, source.query(UNFINISHED, 0, 1), _OPTIONAL_ABSENT):
         return "query"
-    if await _serves(source.queue(), _OPTIONAL_ABSENT):
+    if await _serves(source, source.queue(), _OPTIONAL_ABSENT):
         return "queue"
     return None
 
 
 async def _ids(source: PollingSource) -> IdsReader | None:
-    if await _serves(source.check_lookup(), _ABSENT):
+    if await _serves(source, source.check_lookup(), _ABSENT):
         return IdsReader(source)
-    if await _serves(source.fetch("0"), _ABSENT):
+    if await _serves(source, source.fetch("0"), _ABSENT):
         return IdsReader(source, "fetch", "GET /mj/task/{id}/fetch of each tracked unfinished task")
     return None
 
@@ -97,7 +106,7 @@ async def choose_reader(config: SourceConfig, source: PollingSource) -> tuple[Re
     if discover is not None:
         why = f"auto: /mj/task/{discover} answers, so only unfinished tasks are read each poll"
         return _active(config, source, discover), why
-    if await _serves(source.list_tasks(), _ABSENT):
+    if await _serves(source, source.list_tasks(), _ABSENT):
         return ListReader(source), (
             "auto: no /mj/task/query or /mj/task/queue here; /mj/task/list answers (trueai "
             "caps it at 100 newest, so reading it each poll stays cheap)"
