@@ -239,7 +239,9 @@ class Watcher:
             log.error("%s: source down after %d failed polls (%s)", *self._outage())
             self.reader = None  # probe again once it answers: it may be another server now
             async with self._lock:
-                return await self.pipeline.publish(self.config.name, {}, [down], now=now)
+                return await self.pipeline.publish(
+                    self.config.name, {}, [down], now=now, seen=self._seen
+                )
         if self.metrics is not None:
             self.metrics.poll(self.config.name, time.perf_counter() - started, True)
         up = self.health.success(now)

@@ -170,3 +170,18 @@ async def test_a_follower_that_takes_over_resumes_from_the_shared_state() -> Non
     changes = Counter((e["type"], e["data"]["task"]["progress"]) for e in got)
     assert max(changes.values()) == 1, changes
     assert [e["type"] for e in got].count("task.started") == 1
+
+
+async def test_an_outage_before_first_contact_keeps_backfill_off(tmp_path: Path) -> None:
+    """The upstream is down when the bridge starts (source.down), then answers: its existing
+    tasks are recorded silently, as on any first contact with `backfill: false`."""
+    async with Simulator("midjourney-proxy", api_key="k") as sim, Receiver() as receiver:
+        sim.seed_tasks(3, finished=False)
+        sim.fault = "500"
+        bridge = Bridge(config(sim, receiver, source={"mode": "list"}), str(tmp_path / "b.db"))
+        async with running(bridge):
+            await until(lambda: any(e["type"] == "source.down" for e in events(receiver)))
+            sim.fault = None
+            await until(lambda: any(e["type"] == "source.up" for e in events(receiver)))
+            await asyncio.sleep(0.3)
+        assert [e["type"] for e in events(receiver)] == ["source.down", "source.up"]
