@@ -9,7 +9,6 @@ import contextlib
 import errno
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,13 +190,6 @@ def _read_json(path: str) -> Any:
         raise UsageError(f"{path}: cannot read the event JSON: {exc}") from exc
 
 
-def _free(port: int) -> None:
-    """Raises the OSError binding 127.0.0.1:`port` would (the port is taken), as a server binds."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", port))
-
-
 def _why(exc: OSError) -> str:
     """An OSError as a few words (asyncio's bind error wraps them in a long sentence)."""
     match exc.errno:
@@ -241,7 +233,6 @@ def _dispatch(args: argparse.Namespace) -> int:
             from bridge.simulator import serve
 
             try:
-                _free(args.port)  # before the simulator sets up anything a failed bind would leave
                 with contextlib.suppress(KeyboardInterrupt):
                     asyncio.run(serve(args.port, args.flavor, args.tasks, args.api_key))
             except OSError as exc:

@@ -74,7 +74,12 @@ class Simulator:
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:  # the port is taken: close what setup opened, then say so
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         bound = self._runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
