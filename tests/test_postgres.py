@@ -6,8 +6,10 @@ backends share is in test_store.py.)"""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -141,7 +143,7 @@ async def test_a_newer_schema_is_refused(url: str) -> None:
 
 async def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
     with pytest.raises(StoreError) as caught:
-        await open_store("postgresql://bridge:hunter2-secret@127.0.0.1:1/bridge")
+        await open_store("postgresql://bridge:hunter2-secret@127.0.0.1:1/bridge?connect_for=0")
     assert "hunter2" not in str(caught.value)
     assert "127.0.0.1:1/bridge" in str(caught.value)
 
@@ -181,3 +183,39 @@ async def test_two_deliverers_on_one_outbox_send_each_delivery_once(url: str) ->
         assert sorted(ids) == sorted(e.id for e in events)
         assert all(d.counts[("hook", "sent")] > 0 for d in deliverers)
         assert await a.outbox_depth() == {}
+
+
+async def test_a_database_that_comes_up_late_is_waited_for() -> None:
+    """Replicas often start before their database: the first connection is tried again until
+    the server answers (here a proxy to the real server that starts listening a moment late)."""
+    async with pg.database() as url:
+        real = urlsplit(url)
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        async def forward(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+            server_r, server_w = await asyncio.open_connection(real.hostname, real.port or 5432)
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+        async def late_proxy() -> asyncio.Server:
+            await asyncio.sleep(0.8)
+            return await asyncio.start_server(forward, "127.0.0.1", port)
+
+        starting = asyncio.create_task(late_proxy())
+        late = urlunsplit(real._replace(netloc=f"{real.username}@127.0.0.1:{port}"))
+        try:
+            async with await open_store(late + "?connect_for=20") as store:
+                assert await store.dead_letters() == []
+        finally:
+            proxy = await starting
+            proxy.close()
+            await proxy.wait_closed()

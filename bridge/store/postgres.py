@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from bridge.diff import TaskState
 from bridge.errors import StoreError
@@ -28,6 +29,7 @@ log = logging.getLogger("bridge.store")
 T = TypeVar("T")
 
 CLAIM_TIMEOUT = 30.0  # seconds a claim outlives its replica (renewed every third of it)
+CONNECT_FOR = 30.0  # seconds a database that does not answer yet is tried again at start
 POOL_SIZE = 10
 RETRY_FOR = 15.0  # seconds an operation is retried while the server is unreachable
 _MIGRATION_LOCK = 0x6D6A627269646765  # pg_advisory_xact_lock key: "mjbridge"
@@ -54,23 +56,25 @@ _ITEM = (
 )
 
 
-def _options(url: str) -> tuple[str, float]:
-    """The URL for asyncpg without the bridge's own query options, and `claim_timeout`."""
+def _options(url: str) -> tuple[str, float, float]:
+    """The URL for asyncpg without the bridge's own query options, `claim_timeout` and
+    `connect_for`."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    claim_timeout = CLAIM_TIMEOUT
+    ours = {"claim_timeout": CLAIM_TIMEOUT, "connect_for": CONNECT_FOR}
     rest = []
     for key, value in query:
-        if key == "claim_timeout":
+        if key in ours:
             try:
-                claim_timeout = float(value)
+                ours[key] = float(value)
             except ValueError:
-                raise StoreError(f"claim_timeout must be seconds, not {value!r}") from None
-            if claim_timeout <= 0:
-                raise StoreError("claim_timeout must be positive")
+                raise StoreError(f"{key} must be seconds, not {value!r}") from None
+            if ours[key] < 0 or (key == "claim_timeout" and ours[key] == 0):
+                raise StoreError(f"{key} must be positive")
         else:
             rest.append((key, value))
-    return urlunsplit(parts._replace(query=urlencode(rest))), claim_timeout
+    query_less = urlunsplit(parts._replace(query=urlencode(rest)))
+    return query_less, ours["claim_timeout"], ours["connect_for"]
 
 
 def describe(url: str) -> str:
@@ -109,12 +113,27 @@ class PostgresStore(Store):
     async def open(cls, url_or_path: str) -> PostgresStore:
         """Connect, apply the migrations not applied yet (one replica at a time), and start
         renewing this process's claims. Claims of replicas that died expire on their own."""
-        url, claim_timeout = _options(url_or_path)
+        url, claim_timeout, connect_for = _options(url_or_path)
         where = describe(url)
+        # Replicas often start with (or before) their database: a server that is not up yet is
+        # tried again for `connect_for` seconds; a refusal (bad password, no such database) is not.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((OSError, asyncpg.CannotConnectNowError)),
+            stop=stop_after_delay(connect_for),
+            wait=wait_exponential(multiplier=0.2, max=5.0),
+            before_sleep=lambda state: log.warning(
+                "database %s not reachable yet (%s); trying again",
+                where,
+                state.outcome and state.outcome.exception(),
+            ),
+            reraise=True,
+        )
         try:
-            pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=POOL_SIZE, command_timeout=60
-            )
+            async for attempt in retrying:
+                with attempt:
+                    pool = await asyncpg.create_pool(
+                        url, min_size=1, max_size=POOL_SIZE, command_timeout=60
+                    )
         except (asyncpg.PostgresError, OSError, ValueError) as exc:
             raise StoreError(f"cannot open the database {where}: {exc}") from None
         store = cls(pool, where, claim_timeout)
