@@ -80,6 +80,9 @@ class SqliteStore(Store):
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute("PRAGMA foreign_keys=ON")
             await db.execute("PRAGMA busy_timeout=5000")
+            # Checkpoint every ~32 MiB of WAL instead of SQLite's 4 MiB: the two fsyncs of a
+            # checkpoint come ten times less often under a burst of events.
+            await db.execute("PRAGMA wal_autocheckpoint=8000")
             store = cls(db)
             await store._migrate(path)
             await db.execute("UPDATE outbox SET state = 'pending' WHERE state = 'inflight'")
