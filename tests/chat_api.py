@@ -25,11 +25,12 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
+
+from tests.local import LocalServer
 
 DISCORD_ID = "1100"
 DISCORD_TOKEN = "hook-TOKEN_abc123"
@@ -64,7 +65,7 @@ class Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class ChatAPI:
+class ChatAPI(LocalServer):
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.discord_messages: dict[str, dict[str, Any]] = {}
@@ -76,14 +77,8 @@ class ChatAPI:
         self._ids = itertools.count(1_250_000_000_000_000_001)
         self._ts = itertools.count(1)
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
     # -- set-up -----------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def discord_base(self) -> str:
@@ -153,37 +148,14 @@ class ChatAPI:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/discord/webhooks/{id}/{token}", self._discord_post)
         app.router.add_patch("/discord/webhooks/{id}/{token}/messages/{mid}", self._discord_patch)
         app.router.add_post("/slack/{method}", self._slack)
         app.router.add_post("/upload/{file_id}", self._upload)
         app.router.add_get("/images/{name}", self._image)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        return app
 
     # -- recording --------------------------------------------------------------------------
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+from tests.local import LocalServer
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ class Reply:
     delay: float = 0.0
 
 
-class Receiver:
+class Receiver(LocalServer):
     """aiohttp server on 127.0.0.1 with a free port. Every request is recorded (GETs of `files`
     too, in `gets`); POST/PUT answers come from the scripted queue for that path, then the queue
     for any path, then `default`."""
@@ -61,45 +62,16 @@ class Receiver:
         self.peak = 0  # the most that were ever answered at once
         self._scripts: dict[str | None, deque[Reply]] = defaultdict(deque)
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def respond(self, *replies: Reply | int, path: str | None = None) -> None:
         """Queue answers (a bare int is a status) for `path`, or for any path."""
         for r in replies:
             self._scripts[path].append(r if isinstance(r, Reply) else Reply(r))
 
-    async def start(self) -> None:
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        return app
 
     async def wait_for(
         self, count: int, within: float = 10.0, path: str | None = None
