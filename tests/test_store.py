@@ -258,6 +258,7 @@ async def test_an_older_database_gains_the_messages_table(tmp_path: Path) -> Non
         db.execute("DROP TABLE messages")
         db.execute("DROP TABLE leases")
         db.execute("DROP INDEX tasks_open")
+        db.execute("DROP INDEX outbox_event")
         db.execute("PRAGMA user_version = 1")
     async with await Store.open(str(path)) as store:
         await store.put_message("discord", "mj:1", "m")

@@ -253,6 +253,9 @@ class Config(Strict):
     ] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)
     server: ServerConfig | None = None
+    # Sent deliveries and the events no delivery needs any more are deleted once this old (7d);
+    # 0 keeps everything. Task states are never deleted: they stop a finished task re-emitting.
+    retention: Duration = 7 * 86400.0
 
     def secrets(self) -> list[str]:
         """Every configured value that must never reach a log, an error or a page."""

@@ -127,6 +127,11 @@ class OutboxRow:
     updated_at: float
 
 
+#: Rows deleted per statement (and transaction) by `Store.prune`: a large first prune never holds
+#: the write lock for long.
+PRUNE_BATCH = 5000
+
+
 def is_postgres(url_or_path: str) -> bool:
     return url_or_path.startswith(("postgresql://", "postgres://"))
 
@@ -271,6 +276,13 @@ class Store(ABC):
     @abstractmethod
     async def next_due(self, target: str) -> float | None:
         """When the next delivery of `target` can be claimed (None: nothing waits)."""
+
+    @abstractmethod
+    async def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Delete sent deliveries last updated before `before` (epoch seconds), then the events
+        older than `before` that no delivery names any more: dead letters and deliveries still
+        owed keep theirs. Task states stay (they stop a finished task from emitting again).
+        `batch` rows per statement, each its own transaction. Returns (deliveries, events)."""
 
     # -- message references -----------------------------------------------------------------
 

@@ -21,7 +21,15 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event
-from bridge.store.base import OutboxItem, OutboxRow, Store, event_json, item_from_row, new_holder
+from bridge.store.base import (
+    PRUNE_BATCH,
+    OutboxItem,
+    OutboxRow,
+    Store,
+    event_json,
+    item_from_row,
+    new_holder,
+)
 from bridge.store.schema import POSTGRES_MIGRATIONS
 
 log = logging.getLogger("bridge.store")
@@ -458,6 +466,51 @@ class PostgresStore(Store):
             self.holder,
         )
         return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Delete sent deliveries last updated before `before`, then the events older than
+        `before` that no delivery names; `batch` rows per statement, each its own transaction.
+        Replicas may prune at once: rows another one is deleting are skipped, not waited for."""
+        deliveries = 0
+        while True:
+            count = _count(
+                await self._execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'sent' "
+                    "AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    before,
+                    batch,
+                )
+            )
+            deliveries += count
+            if count < batch:
+                break
+        # Events are walked once in (time, seq) order, a window of `batch` at a time: the old
+        # ones a dead letter keeps are passed over rather than looked at again by every batch.
+        events = 0
+        low: tuple[float, int] = (float("-inf"), 0)
+        while True:
+            rows = await self._fetch(
+                "WITH batch AS (SELECT id, time, seq FROM events WHERE time < $1 "
+                "AND (time, seq) > ($2::float8, $3::bigint) ORDER BY time, seq LIMIT $4), "
+                "gone AS (DELETE FROM events e USING batch b WHERE e.id = b.id "
+                "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.id) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM batch), "
+                "last.time, last.seq "
+                "FROM (SELECT time, seq FROM batch ORDER BY time DESC, seq DESC LIMIT 1) last",
+                before,
+                low[0],
+                low[1],
+                batch,
+            )
+            if not rows:  # the window was empty: nothing was deleted either
+                return deliveries, events
+            gone, seen, last_time, last_seq = rows[0]
+            events += gone
+            if seen < batch:
+                return deliveries, events
+            low = (last_time, last_seq)
 
     # -- message references -----------------------------------------------------------------
 

@@ -70,6 +70,11 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_open ON tasks (source) WHERE finished = 0;
     """,
+    # Retention (Store.prune): an event is deleted only when no outbox row names it, and the
+    # foreign key is checked on every deleted event; without this both scan the whole outbox.
+    """
+    CREATE INDEX outbox_event ON outbox (event_id);
+    """,
 )
 
 # The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that
@@ -138,5 +143,8 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     """,
     """
     CREATE INDEX tasks_open ON tasks (source) WHERE NOT finished;
+    """,
+    """
+    CREATE INDEX outbox_event ON outbox (event_id);
     """,
 )

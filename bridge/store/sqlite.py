@@ -21,6 +21,7 @@ from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event
 from bridge.store.base import (
+    PRUNE_BATCH,
     OutboxItem,
     OutboxRow,
     Store,
@@ -349,6 +350,48 @@ class SqliteStore(Store):
         """Dead letters per target (metrics)."""
         sql = "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
         return {r[0]: r[1] for r in await self._fetch(sql)}
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+        """Delete sent deliveries last updated before `before`, then the events older than
+        `before` that no delivery names; `batch` rows per transaction, so the watchers and the
+        deliverer get the connection between batches. Returns (deliveries, events)."""
+        deliveries = 0
+        while True:
+            count = await self._delete(
+                "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox "
+                "WHERE state = 'sent' AND updated_at < ? LIMIT ?)",
+                (before, batch),
+            )
+            deliveries += count
+            if count < batch:
+                break
+        # Events are walked once in (time, rowid) order, a window of `batch` at a time: the old
+        # ones a dead letter keeps are passed over rather than looked at again by every batch.
+        events = 0
+        low: tuple[float, int] = (float("-inf"), 0)
+        while True:
+            rows = await self._fetch(
+                "SELECT time, rowid FROM events WHERE time < ? AND time >= ? "
+                "AND (time > ? OR rowid > ?) ORDER BY time, rowid LIMIT 1 OFFSET ?",
+                (before, low[0], low[0], low[1], batch - 1),
+            )
+            high: tuple[float, int] = (rows[0][0], rows[0][1]) if rows else (before, 2**62)
+            events += await self._delete(
+                "DELETE FROM events WHERE time < ? AND time >= ? AND (time > ? OR rowid > ?) "
+                "AND time <= ? AND (time < ? OR rowid <= ?) "
+                "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.event_id = events.id)",
+                (before, low[0], low[0], low[1], high[0], high[0], high[1]),
+            )
+            if not rows:
+                return deliveries, events
+            low = high
+
+    async def _delete(self, sql: str, params: Sequence[Any]) -> int:
+        """One statement in a write transaction of its own; the rows it touched."""
+        async with self._tx(), self._db.execute(sql, params) as cur:
+            return int(cur.rowcount)
 
     # -- message references -----------------------------------------------------------------
 
