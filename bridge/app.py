@@ -23,6 +23,7 @@ from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics
 from bridge.models import Event
+from bridge.retention import prune_forever
 from bridge.rules import Router
 from bridge.sources.poll import PollingSource
 from bridge.store import Store
@@ -140,6 +141,8 @@ class Bridge:
             async with asyncio.TaskGroup() as group:
                 polls = [group.create_task(self._lead(w, store)) for w in watchers.values()]
                 delivering = group.create_task(deliverer.run())
+                # Old sent deliveries and their events; cancelled with the polls.
+                polls.append(group.create_task(prune_forever(store, config.retention)))
                 self._started.set()
                 stop = asyncio.ensure_future(self._stop.wait())
                 reload = asyncio.ensure_future(self._reload.wait())
