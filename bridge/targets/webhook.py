@@ -15,6 +15,7 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from bridge.config import WebhookTargetConfig
 from bridge.errors import DeliveryError, Redactor
@@ -86,7 +87,7 @@ class WebhookTarget:
         self, name: str, config: WebhookTargetConfig, session: aiohttp.ClientSession
     ) -> None:
         self.name = name
-        self._url = config.webhook
+        self._url = URL(config.webhook)  # parsed once, not on every send
         self._session = session
         key = signing_key(config.secret) if config.secret else None
         self._key = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
