@@ -109,6 +109,14 @@ class Bridge:
         targets = {
             name: build_target(name, cfg, session, store) for name, cfg in config.targets.items()
         }
+        abandoned = await store.abandon(config.targets)
+        for name, count in sorted(abandoned.items()):
+            log.warning(
+                "%d deliveries to %r, which is no longer in the config, became dead letters "
+                "(bridge dlq list; replay them once the target is back)",
+                count,
+                name,
+            )
         deliverer = Deliverer(store, targets, config.targets, on_outcome=self.metrics.delivery)
         # Throttle and digest memory carries over a reload for the rules that keep their name.
         self._router = Router(config, previous=self._router)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import Bridge
-from bridge.config import Config, ServerConfig
+from bridge.config import Config, ServerConfig, WebhookTargetConfig
 from bridge.passthrough import track_command
 from bridge.simulator import Simulator
 from tests import pg
@@ -185,3 +185,33 @@ async def test_an_outage_before_first_contact_keeps_backfill_off(tmp_path: Path)
             await until(lambda: any(e["type"] == "source.up" for e in events(receiver)))
             await asyncio.sleep(0.3)
         assert [e["type"] for e in events(receiver)] == ["source.down", "source.up"]
+
+
+async def test_a_target_removed_from_the_config_leaves_dead_letters(tmp_path: Path) -> None:
+    async with Simulator("midjourney-proxy", api_key="k") as sim, Receiver() as receiver:
+        both = config(sim, receiver, source={"mode": "list"})
+        both = both.model_copy(
+            update={
+                "targets": {
+                    **both.targets,
+                    "gone": WebhookTargetConfig(webhook="http://127.0.0.1:9/nobody"),
+                },
+                "rules": [both.rules[0].model_copy(update={"to": ["hook", "gone"]})],
+            }
+        )
+        bridge = Bridge(both, str(tmp_path / "b.db"))
+        async with running(bridge):
+            await until(lambda: bridge.running and bridge.running.watchers["mj"].status.polls)
+            sim.add_task("for both")
+            await until(lambda: events(receiver), sim)
+            assert bridge.running is not None
+            depth = await bridge.running.store.outbox_depth()
+            assert depth.get("gone", 0) >= 1
+        only_hook = config(sim, receiver, source={"mode": "list"})
+        bridge = Bridge(only_hook, str(tmp_path / "b.db"))
+        async with running(bridge) as again:
+            assert again.running is not None
+            assert "gone" not in await again.running.store.outbox_depth()
+            dead = await again.running.store.dead_letters()
+        assert dead
+        assert {d.target for d in dead} == {"gone"}

@@ -263,3 +263,17 @@ async def test_an_older_database_gains_the_messages_table(tmp_path: Path) -> Non
     async with await Store.open(str(path)) as store:
         await store.put_message("discord", "mj:1", "m")
         assert await store.get_message("discord", "mj:1") == "m"
+
+
+async def test_deliveries_to_a_removed_target_become_dead_letters(store: Store) -> None:
+    events = [make_event(n) for n in range(3)]
+    deliveries = [make_delivery(e, t) for e in events for t in ("kept", "gone")]
+    await store.commit("mj", {}, events, deliveries)
+    claimed = await store.claim("gone", time.time(), 1)  # in flight: its holder decides
+    assert await store.abandon(["kept"]) == {"gone": 2}
+    assert await store.outbox_depth() == {"kept": 3, "gone": 1}
+    dead = await store.dead_letters()
+    assert {d.target for d in dead} == {"gone"}
+    assert all("no longer in the config" in (d.last_error or "") for d in dead)
+    assert claimed[0].id not in {d.id for d in dead}
+    assert await store.abandon(["kept", "gone"]) == {}

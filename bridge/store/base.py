@@ -8,7 +8,7 @@ import os
 import secrets
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -249,6 +249,12 @@ class Store(ABC):
 
     @abstractmethod
     async def mark_dead(self, id: str, error: str) -> None: ...
+
+    @abstractmethod
+    async def abandon(self, targets: Collection[str]) -> dict[str, int]:
+        """Deliveries waiting for a target that is no longer configured become dead letters (the
+        config changed under them): listed by `bridge dlq list`, replayable if it comes back.
+        Returns how many per target. In-flight ones are left to whoever holds them."""
 
     @abstractmethod
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]: ...

@@ -10,7 +10,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -408,6 +409,16 @@ class PostgresStore(Store):
             id,
         )
         self._held.discard(id)
+
+    async def abandon(self, targets: Collection[str]) -> dict[str, int]:
+        rows = await self._fetch(
+            "UPDATE outbox SET state = 'dead', last_error = 'target ' || target || "
+            "' is no longer in the config', updated_at = $1 WHERE state = 'pending' "
+            "AND NOT (target = ANY($2::text[])) RETURNING target",
+            time.time(),
+            list(targets),
+        )
+        return dict(Counter(r[0] for r in rows))
 
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
         rows = await self._fetch(

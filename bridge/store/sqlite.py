@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -286,6 +287,16 @@ class SqliteStore(Store):
             "updated_at = ? WHERE id = ?",
             (error, time.time(), id),
         )
+
+    async def abandon(self, targets: Collection[str]) -> dict[str, int]:
+        known = list(targets)
+        rows = await self._fetch(
+            "UPDATE outbox SET state = 'dead', last_error = 'target ' || target || "
+            "' is no longer in the config', updated_at = ? WHERE state = 'pending' "
+            f"AND target NOT IN ({_marks(len(known))}) RETURNING target",
+            (time.time(), *known),
+        )
+        return dict(Counter(r[0] for r in rows))
 
     async def _update_ids(self, sql: str, params: tuple[Any, ...], ids: Sequence[str]) -> None:
         """`sql` ends in `id IN`; run it for `ids`: one statement when they fit in one."""
