@@ -75,6 +75,12 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX outbox_event ON outbox (event_id);
     """,
+    # Claims only look at pending rows: indexing just those (as PostgreSQL's outbox_due does)
+    # spares every claim and every ack an index move, which is most of the outbox's own cost.
+    """
+    DROP INDEX outbox_due;
+    CREATE INDEX outbox_due ON outbox (target, next_at) WHERE state = 'pending';
+    """,
 )
 
 # The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that
