@@ -28,18 +28,6 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield s
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-async def rx() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
 def hook_config(rx: Receiver, **kw: Any) -> WebhookTargetConfig:
     return WebhookTargetConfig.model_validate({"webhook": rx.url + "/hook", **kw})
 

@@ -37,18 +37,6 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[ChatAPI]:
-    async with ChatAPI() as a:
-        yield a
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     async with await Store.open(str(tmp_path / "bridge.db")) as s:
         yield s

@@ -4,20 +4,12 @@ digests) carry only embeds, which never ping, and `allowed_mentions` that parses
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 
 from bridge.config import DiscordTargetConfig
 from bridge.targets import DiscordTarget, build_target
 from tests.chat_api import ChatAPI, outbox_item, task_event
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[ChatAPI]:
-    async with ChatAPI() as a:
-        yield a
 
 
 async def test_discord_notes_and_digests_cannot_ping(api: ChatAPI) -> None:

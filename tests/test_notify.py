@@ -33,12 +33,6 @@ DISCORD = (
 )
 
 
-@pytest.fixture
-async def rx() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
 def item(n: int = 1, title: str = "IMAGINE done", body: str = "a cat", **task: Any) -> OutboxItem:
     event = make_event(n, **task)
     return OutboxItem(

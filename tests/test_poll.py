@@ -99,12 +99,6 @@ async def upstream() -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
 def source(url: str, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
     settings: dict[str, Any] = {"name": "mj", "base_url": url, "api_key": KEY, "timeout": "300ms"}
     return PollingSource(SourceConfig(**(settings | config)), session)

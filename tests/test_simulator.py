@@ -78,12 +78,6 @@ class Reply:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def make_sim() -> AsyncIterator[MakeSim]:
     sims: list[Simulator] = []
 

@@ -5,7 +5,6 @@ coalescing, a restart that keeps editing, Retry-After, image uploads, refusals a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,6 @@ from bridge.targets import SlackTarget, build_target
 from tests.chat_api import SLACK_TOKEN, Answer, ChatAPI, outbox_item, task_event
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[ChatAPI]:
-    async with ChatAPI() as a:
-        yield a
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def slack(

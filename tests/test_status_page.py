@@ -65,12 +65,6 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
 
 
 @pytest.fixture
-async def rx() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
-
-
-@pytest.fixture
 async def bridge(rx: Receiver, tmp_path: Path) -> AsyncIterator[tuple[Harness, Simulator]]:
     async with Simulator(flavor="midjourney-proxy", api_key=SIM_KEY) as sim:
         config = make_config(sim.url, rx.url)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
 from email.utils import formatdate
 
 import aiohttp
@@ -21,18 +20,6 @@ from bridge.targets.webhook import retry_after
 from tests.receiver import Receiver, Reply, make_event
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
-async def rx() -> AsyncIterator[Receiver]:
-    async with Receiver() as r:
-        yield r
 
 
 def item(n: int = 1) -> OutboxItem:
