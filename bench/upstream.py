@@ -9,6 +9,7 @@ import asyncio
 import statistics
 import tempfile
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,20 +75,28 @@ async def measure(tasks: int, mode: str, cycles: int) -> Cost:
                 async with asyncio.timeout(60):
                     while watcher.status.polls < 1:  # noqa: ASYNC110 (no event for it)
                         await asyncio.sleep(0.01)
-                requests, sizes = [], []
-                first = len(sim.requests)
                 events.clear()
-                for _ in range(cycles):
-                    count, sent = len(sim.requests), sim.bytes_sent
-                    sim.tick()
-                    await watcher.poll_once()
-                    requests.append(len(sim.requests) - count)
-                    sizes.append(sim.bytes_sent - sent)
-                paths = Counter(f"{m} {p}" for m, p in sim.requests[first:])
+                requests, sizes, paths = await _cycles(sim, cycles, watcher.poll_once)
     finally:
         await sim.stop()
     changed = sum(1 for e in events if e.subject in set(ids))
     return Cost(statistics.median(requests), statistics.median(sizes), changed, paths)
+
+
+async def _cycles(
+    sim: Simulator, cycles: int, poll: Callable[[], Awaitable[object]]
+) -> tuple[list[int], list[int], Counter[str]]:
+    """Tick the upstream and poll it `cycles` times: requests and bytes per cycle, and which
+    endpoints were asked."""
+    requests, sizes = [], []
+    first = len(sim.requests)
+    for _ in range(cycles):
+        count, sent = len(sim.requests), sim.bytes_sent
+        sim.tick()
+        await poll()
+        requests.append(len(sim.requests) - count)
+        sizes.append(sim.bytes_sent - sent)
+    return requests, sizes, Counter(f"{m} {p}" for m, p in sim.requests[first:])
 
 
 async def measure_naive(tasks: int, cycles: int) -> Cost:
@@ -100,15 +109,7 @@ async def measure_naive(tasks: int, cycles: int) -> Cost:
             headers = {"mj-api-secret": API_KEY}
             poller = NaivePoller(session, sim.url, headers, rx.url + "/naive")
             await poller.cycle()  # first contact: records, posts nothing
-            requests, sizes = [], []
-            first = len(sim.requests)
-            for _ in range(cycles):
-                count, sent = len(sim.requests), sim.bytes_sent
-                sim.tick()
-                await poller.cycle()
-                requests.append(len(sim.requests) - count)
-                sizes.append(sim.bytes_sent - sent)
-            paths = Counter(f"{m} {p}" for m, p in sim.requests[first:])
+            requests, sizes, paths = await _cycles(sim, cycles, poller.cycle)
     finally:
         await sim.stop()
     return Cost(statistics.median(requests), statistics.median(sizes), poller.posted, paths)
