@@ -3,17 +3,20 @@ letters and replay, migrations and crash recovery of in-flight deliveries."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 import pytest
 
 from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.store import Store, open_store
+from bridge.store.base import RecentPayloads, event_json
 from tests import pg
 from tests.receiver import make_delivery, make_event
 
@@ -159,6 +162,47 @@ async def test_inflight_rows_of_a_dead_process_go_back_to_pending(tmp_path: Path
     async with await Store.open(path) as store:
         [item] = await store.claim("hook", time.time(), 10)
         assert item.attempts == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_claim_sends_what_was_stored_whether_just_committed_or_read_back(
+    backend: str, tmp_path: Path
+) -> None:
+    """Right after a commit a claim takes the event's JSON from memory (RecentPayloads); a process
+    that did not commit it (a restart, another replica) reads it from the database. Either way
+    the target gets the very bytes that were stored."""
+    events = [make_event(i, prompt="ünïcode ✓ " * i) for i in range(4)]
+    deliveries = [make_delivery(e, t) for e in events for t in ("hook", "chat")]
+    async with contextlib.AsyncExitStack() as stack:
+        url = str(tmp_path / "b.db")
+        if backend == "postgres":
+            url = await stack.enter_async_context(pg.database())
+        async with await Store.open(url) as store:
+            await store.commit("mj", {}, events, deliveries)
+            hot = await store.claim("hook", time.time() + 1, 10)
+        async with await Store.open(url) as store:  # another process: nothing in memory
+            cold = await store.claim("chat", time.time() + 1, 10)
+    stored = {e.id: event_json(e) for e in events}
+    assert len(hot) == 4
+    assert len(cold) == 4
+    for item in hot + cold:
+        assert item.payload == stored[item.event_id]
+        assert item.event.cloudevent() == orjson.loads(stored[item.event_id])
+
+
+def test_recent_payloads_keep_the_newest_within_their_limit() -> None:
+    recent = RecentPayloads(limit=10)
+    recent.put("a", b"1234")
+    recent.put("b", b"1234")
+    recent.put("a", b"12")  # replaced: counts its new size
+    recent.put("c", b"1234")  # 10 bytes: all fit
+    assert [recent.get(k) for k in "abc"] == [b"12", b"1234", b"1234"]
+    recent.put("d", b"123")  # over: the oldest (b) goes
+    assert recent.get("b") is None
+    assert len(recent) == 3
+    recent.put("huge", b"x" * 11)  # larger than the whole cache: not kept, nothing evicted
+    assert recent.get("huge") is None
+    assert len(recent) == 3
 
 
 async def test_release_hands_back_claimed_items(store: Store) -> None:

@@ -26,7 +26,9 @@ from bridge.store.base import (
     PRUNE_BATCH,
     OutboxItem,
     OutboxRow,
+    RecentPayloads,
     Store,
+    claimed_items,
     event_json,
     item_from_row,
     new_holder,
@@ -116,6 +118,7 @@ class PostgresStore(Store):
         self.claim_timeout = claim_timeout
         self.holder = new_holder()
         self._held: set[str] = set()  # claimed by this process, outcome not recorded yet
+        self._payloads = RecentPayloads()
         self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
@@ -252,6 +255,7 @@ class PostgresStore(Store):
             candidates.setdefault(d.event.id, d.event)
         task_rows = list(states.items())
         event_rows = list(candidates.values())
+        payloads = [event_json(e) for e in event_rows]
 
         async def call(conn: Any) -> set[str]:
             async with conn.transaction():
@@ -286,7 +290,7 @@ class PostgresStore(Store):
                         [e.source for e in event_rows],
                         [e.subject for e in event_rows],
                         [e.time.timestamp() for e in event_rows],
-                        [event_json(e) for e in event_rows],
+                        payloads,
                     )
                     new_ids = {r[0] for r in rows}
                 owed = [d for d in deliveries if d.event.id in new_ids]
@@ -318,6 +322,9 @@ class PostgresStore(Store):
                 return new_ids
 
         new_ids = await self._run(call)
+        for event, payload in zip(event_rows, payloads, strict=True):
+            if event.id in new_ids:
+                self._payloads.put(event.id, payload)
         order = {e.id: i for i, e in enumerate(events)}
         new = [e for e in event_rows if e.id in new_ids]
         return sorted(new, key=lambda e: order.get(e.id, len(order)))
@@ -334,8 +341,7 @@ class PostgresStore(Store):
             "ORDER BY next_at LIMIT $3 FOR UPDATE SKIP LOCKED) "
             f"UPDATE outbox o SET state = 'inflight', claimed_by = $4, "
             f"claimed_until = {_NOW} + $5 FROM due WHERE o.id = due.id "
-            "RETURNING o.id, o.target, o.rule, "
-            "(SELECT json FROM events e WHERE e.id = o.event_id), "
+            "RETURNING o.id, o.target, o.rule, o.event_id, "
             'o.title, o.body, o."group", o.attempts, o.created_at, o.next_at, o.last_error',
             target,
             now,
@@ -343,9 +349,14 @@ class PostgresStore(Store):
             self.holder,
             self.claim_timeout,
         )
-        items = sorted((item_from_row(r) for r in rows), key=lambda i: (i.next_at, i.created_at))
+        # The events' JSON comes from RecentPayloads when this process just committed them.
+        items = await claimed_items(rows, self._payloads, self._event_json)
         self._held.update(i.id for i in items)
         return items
+
+    async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
+        rows = await self._fetch("SELECT id, json FROM events WHERE id = ANY($1::text[])", ids)
+        return [(r[0], r[1]) for r in rows]
 
     async def _renew_claims(self) -> None:
         """While this process lives, its claims do not expire (however long a send takes)."""

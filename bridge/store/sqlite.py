@@ -25,8 +25,10 @@ from bridge.store.base import (
     PRUNE_BATCH,
     OutboxItem,
     OutboxRow,
+    RecentPayloads,
     Store,
     chunks,
+    claimed_items,
     event_json,
     item_from_row,
     new_holder,
@@ -57,6 +59,7 @@ class SqliteStore(Store):
         # Coroutines share the one connection: a transaction must not interleave with another's
         # statements, and a read must not see another's uncommitted writes.
         self._lock = asyncio.Lock()
+        self._payloads = RecentPayloads()
         self.holder = new_holder()
 
     @classmethod
@@ -202,14 +205,14 @@ class SqliteStore(Store):
                         for task_id, s in states.items()
                     ],
                 )
-            if new:
+            event_rows = [
+                (e.id, e.type, e.source, e.subject, e.time.timestamp(), event_json(e)) for e in new
+            ]
+            if event_rows:
                 await db.executemany(
                     "INSERT OR IGNORE INTO events (id, type, source, subject, time, json) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (e.id, e.type, e.source, e.subject, e.time.timestamp(), event_json(e))
-                        for e in new
-                    ],
+                    event_rows,
                 )
             new_ids = {e.id for e in new}
             rows = [
@@ -241,6 +244,8 @@ class SqliteStore(Store):
                     "ON CONFLICT (name) DO UPDATE SET seen = 1",
                     (source,),
                 )
+        for row in event_rows:
+            self._payloads.put(row[0], row[5])
         order = {e.id: i for i, e in enumerate(events)}
         return sorted(new, key=lambda e: order.get(e.id, len(order)))
 
@@ -250,15 +255,22 @@ class SqliteStore(Store):
         """Due pending deliveries of `target`, oldest first, marked in flight so no other worker
         takes them. A crash leaves them in flight; `open` hands them back."""
         # One statement is one transaction and one trip to the database thread: the hot path.
+        # The events' JSON comes from RecentPayloads when this process just committed them.
         sql = (
             "UPDATE outbox SET state = 'inflight' WHERE id IN ("
             "SELECT id FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
-            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, "
-            "(SELECT json FROM events WHERE events.id = outbox.event_id), "
+            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, event_id, "
             'title, body, "group", attempts, created_at, next_at, last_error'
         )
         rows = await self._fetch(sql, (target, now, limit))
-        return sorted((item_from_row(r) for r in rows), key=lambda i: (i.next_at, i.created_at))
+        return await claimed_items(rows, self._payloads, self._event_json)
+
+    async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for chunk in chunks(ids, _CHUNK):
+            sql = f"SELECT id, json FROM events WHERE id IN ({_marks(len(chunk))})"
+            out.extend(await self._fetch(sql, chunk))
+        return out
 
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
