@@ -61,7 +61,7 @@ def config(url: str) -> Config:
 
 
 async def ours(events: list[Event], url: str, workdir: Path, round_: int) -> float:
-    """Seconds from committing the events (one transaction, as a snapshot's events are) until every
+    """Seconds from committing the events (as the bridge stores one snapshot's changes) until every
     delivery is marked sent in the database."""
     cfg = config(url)
     deliveries: list[Delivery] = Router(cfg).route(events, time.time())
@@ -73,7 +73,8 @@ async def ours(events: list[Event], url: str, workdir: Path, round_: int) -> flo
             running = asyncio.create_task(deliverer.run())
             try:
                 start = time.perf_counter()
-                await store.commit("mj", {}, events, deliveries)
+                # As the bridge's pipeline does: sending starts with the first stored part.
+                await store.commit("mj", {}, events, deliveries, progress=deliverer.wake)
                 deliverer.wake()
                 while deliverer.counts[("rx", "sent")] < len(deliveries):
                     await asyncio.sleep(0.002)

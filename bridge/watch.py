@@ -49,7 +49,9 @@ class Pipeline:
         seen: bool = True,
     ) -> list[Event]:
         deliveries = self.router.route(events, now) if events else []
-        new = await self.store.commit(source, states, events, deliveries, seen=seen)
+        new = await self.store.commit(
+            source, states, events, deliveries, seen=seen, progress=self.wake
+        )
         if deliveries:
             self.wake()
         for event in new:

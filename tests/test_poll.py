@@ -99,8 +99,13 @@ async def upstream() -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
+# Short enough for the timeout faults to be quick; the other tests give a slow (noisy, shared)
+# machine time to answer, so a pause there never reads as a timeout.
+QUICK_TIMEOUT = "300ms"
+
+
 def source(url: str, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
-    settings: dict[str, Any] = {"name": "mj", "base_url": url, "api_key": KEY, "timeout": "300ms"}
+    settings: dict[str, Any] = {"name": "mj", "base_url": url, "api_key": KEY, "timeout": "10s"}
     return PollingSource(SourceConfig(**(settings | config)), session)
 
 
@@ -287,8 +292,9 @@ async def test_faults(
     else:
         upstream.cap = 0
         upstream.by_ids_fault = fault
+    timeout = QUICK_TIMEOUT if fault == "timeout" else "10s"
     with pytest.raises(SourceError, match=message) as caught:
-        await source(upstream.url, session).poll(tracked_unfinished=["1"])
+        await source(upstream.url, session, timeout=timeout).poll(tracked_unfinished=["1"])
     assert caught.value.reason == reason
     assert KEY not in str(caught.value)
     assert upstream.url in str(caught.value)
@@ -586,7 +592,8 @@ async def test_new_api_list_is_not_a_task_api(session: aiohttp.ClientSession) ->
 
 @pytest.mark.parametrize("fault", list(SIM_FAULTS))
 async def test_simulated_faults(sim: Simulator, session: aiohttp.ClientSession, fault: str) -> None:
-    watch = Watch(sim_source(sim, session), by_ids=sim.flavor == "new-api")
+    timeout = QUICK_TIMEOUT if fault == "timeout" else "10s"
+    watch = Watch(sim_source(sim, session, timeout=timeout), by_ids=sim.flavor == "new-api")
     health = SourceHealth("mj")
     tid = sim.add_task("a cat", steps=3)
     sim.tick(2)

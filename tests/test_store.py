@@ -1,5 +1,5 @@
-"""The outbox store: one transaction per snapshot, nothing stored twice, claims, retries, dead
-letters and replay, migrations and crash recovery of in-flight deliveries."""
+"""The outbox store: a snapshot stored in parts with its states last, nothing stored twice,
+claims, retries, dead letters and replay, migrations and crash recovery of in-flight deliveries."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.store import Store, open_store
-from bridge.store.base import RecentPayloads, event_json
+from bridge.store.base import COMMIT_CHUNK, RecentPayloads, event_json
 from tests import pg
 from tests.receiver import make_delivery, make_event
 
@@ -63,6 +63,36 @@ async def test_recommitting_the_same_change_stores_nothing_twice(store: Store) -
     assert await store.commit("mj", {}, [event], [delivery]) == []
     assert await store.claim("hook", time.time() + 1, 10) == []
     assert await store.outbox_depth() == {}
+
+
+async def test_a_large_snapshot_is_stored_in_parts_with_its_states_last(store: Store) -> None:
+    """Sending starts with the first part; a crash between parts (here: the callback raising)
+    leaves the states unwritten, so the snapshot is re-detected, and storing it again adds only
+    what was missing, under the same ids."""
+    n = COMMIT_CHUNK * 2 + 7
+    events = [make_event(i) for i in range(n)]
+    deliveries = [make_delivery(e, "hook") for e in events]
+    states = {str(i): TaskState("SUCCESS", 100, 1.0, finished=True) for i in range(n)}
+
+    class Crash(Exception):
+        pass
+
+    def crash() -> None:
+        raise Crash
+
+    with pytest.raises(Crash):  # the process dies right after the first part
+        await store.commit("mj", states, events, deliveries, progress=crash)
+    assert await store.outbox_depth() == {"hook": COMMIT_CHUNK}  # sendable already
+    assert await store.load_tasks("mj") == {}  # so the snapshot is seen again
+    assert not await store.source_seen("mj")
+
+    calls: list[int] = []
+    new = await store.commit("mj", states, events, deliveries, progress=lambda: calls.append(1))
+    assert [e.id for e in new] == [e.id for e in events[COMMIT_CHUNK:]]  # in the order given
+    assert len(calls) == 1  # after the second part; the third (last) carries the states
+    assert await store.load_tasks("mj") == states
+    assert await store.outbox_depth() == {"hook": n}
+    assert await store.source_seen("mj")
 
 
 async def test_silent_first_contact_records_state_and_seen(store: Store) -> None:

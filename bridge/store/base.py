@@ -164,6 +164,11 @@ def item_from_row(row: Sequence[Any], payload: bytes | None = None) -> OutboxIte
     )
 
 
+#: Events per transaction of a snapshot (Store.commit): about 1 MB of JSON, a few tens of
+#: milliseconds of the database's time; the first deliveries of a large snapshot go out while
+#: the rest is stored.
+COMMIT_CHUNK = 500
+
 #: How much event JSON a store keeps in memory after committing it (RecentPayloads).
 RECENT_PAYLOAD_BYTES = 16 * 1024 * 1024
 
@@ -275,7 +280,6 @@ class Store(ABC):
     @abstractmethod
     async def source_seen(self, source: str) -> bool: ...
 
-    @abstractmethod
     async def commit(
         self,
         source: str,
@@ -284,10 +288,49 @@ class Store(ABC):
         deliveries: Sequence[Delivery],
         *,
         seen: bool = True,
+        progress: Callable[[], None] | None = None,
     ) -> list[Event]:
-        """ONE transaction: upsert states, insert the events not stored yet, insert the deliveries
-        of those new events. Returns the new events, in the order given. Re-detecting a change
-        after a crash yields the same event ids, so it stores (and sends) nothing twice."""
+        """Store one snapshot's changes: the events not stored yet with their deliveries, then the
+        task states (and `seen`). Returns the new events, in the order given.
+
+        Events go in transactions of up to COMMIT_CHUNK, each with its deliveries; the states go
+        with the last. States never run ahead of the events they produced, so a crash between two
+        transactions re-detects the rest, under the same event ids: nothing is lost and nothing is
+        stored (or sent) twice. `progress()` is called after each transaction but the last that
+        stored new deliveries, so sending starts before a large snapshot is all stored."""
+        candidates: dict[str, Event] = {e.id: e for e in events}
+        owed: dict[str, list[Delivery]] = {}
+        for d in deliveries:
+            candidates.setdefault(d.event.id, d.event)
+            owed.setdefault(d.event.id, []).append(d)
+        ordered = list(candidates.values())
+        parts = [ordered[i : i + COMMIT_CHUNK] for i in range(0, len(ordered), COMMIT_CHUNK)]
+        parts = parts or [[]]
+        new: list[Event] = []
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            part_deliveries = [d for e in part for d in owed.get(e.id, ())]
+            stored = await self._commit(
+                source, states if last else {}, part, part_deliveries, seen=seen and last
+            )
+            new += stored
+            if not last and progress is not None and any(e.id in owed for e in stored):
+                progress()
+        order = {e.id: i for i, e in enumerate(events)}
+        return sorted(new, key=lambda e: order.get(e.id, len(order)))
+
+    @abstractmethod
+    async def _commit(
+        self,
+        source: str,
+        states: Mapping[str, TaskState],
+        events: Sequence[Event],
+        deliveries: Sequence[Delivery],
+        *,
+        seen: bool,
+    ) -> list[Event]:
+        """ONE transaction: upsert `states`, insert those of `events` not stored yet, and the
+        `deliveries` (all of them of `events`) of the new ones. Returns the new events."""
 
     # -- outbox -----------------------------------------------------------------------------
 

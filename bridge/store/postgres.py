@@ -240,14 +240,14 @@ class PostgresStore(Store):
         rows = await self._fetch("SELECT seen FROM sources WHERE name = $1", source)
         return bool(rows and rows[0][0])
 
-    async def commit(
+    async def _commit(
         self,
         source: str,
         states: Mapping[str, TaskState],
         events: Sequence[Event],
         deliveries: Sequence[Delivery],
         *,
-        seen: bool = True,
+        seen: bool,
     ) -> list[Event]:
         now = time.time()
         candidates: dict[str, Event] = {e.id: e for e in events}
@@ -325,9 +325,7 @@ class PostgresStore(Store):
         for event, payload in zip(event_rows, payloads, strict=True):
             if event.id in new_ids:
                 self._payloads.put(event.id, payload)
-        order = {e.id: i for i, e in enumerate(events)}
-        new = [e for e in event_rows if e.id in new_ids]
-        return sorted(new, key=lambda e: order.get(e.id, len(order)))
+        return [e for e in event_rows if e.id in new_ids]
 
     # -- outbox -----------------------------------------------------------------------------
 

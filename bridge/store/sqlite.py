@@ -1,7 +1,7 @@
 """The outbox stage, embedded: one SQLite file holds task state, events and the deliveries still
-owed to targets, for one bridge process. A snapshot's states, its new events and their deliveries
-are written in ONE transaction, before anything is sent; `deliver.py` then claims, sends and marks
-them.
+owed to targets, for one bridge process. A snapshot's new events and their deliveries are
+written before anything is sent (in parts of COMMIT_CHUNK events, its states with the last, see
+`Store.commit`); `deliver.py` then claims, sends and marks them.
 """
 
 from __future__ import annotations
@@ -159,22 +159,17 @@ class SqliteStore(Store):
         rows = await self._fetch("SELECT seen FROM sources WHERE name = ?", (source,))
         return bool(rows and rows[0][0])
 
-    async def commit(
+    async def _commit(
         self,
         source: str,
         states: Mapping[str, TaskState],
         events: Sequence[Event],
         deliveries: Sequence[Delivery],
         *,
-        seen: bool = True,
+        seen: bool,
     ) -> list[Event]:
-        """ONE transaction: upsert states, insert the events not stored yet, insert the deliveries
-        of those new events. Returns the new events. Re-detecting a change after a crash yields the
-        same event ids, so it stores (and sends) nothing twice."""
         now = time.time()
         candidates: dict[str, Event] = {e.id: e for e in events}
-        for d in deliveries:
-            candidates.setdefault(d.event.id, d.event)
         db = self._db
         async with self._tx():
             known: set[str] = set()
@@ -246,8 +241,7 @@ class SqliteStore(Store):
                 )
         for row in event_rows:
             self._payloads.put(row[0], row[5])
-        order = {e.id: i for i, e in enumerate(events)}
-        return sorted(new, key=lambda e: order.get(e.id, len(order)))
+        return new
 
     # -- outbox -----------------------------------------------------------------------------
 
