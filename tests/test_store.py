@@ -251,9 +251,24 @@ async def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 8192  # three events to a page
         db.execute("PRAGMA user_version = 999")
     with pytest.raises(StoreError, match="newer"):
         await Store.open(str(path))
+
+
+async def test_a_database_made_by_an_earlier_version_keeps_its_page_size(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # 4 KiB pages, SQLite's default, as earlier versions made
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE unrelated (x)")
+    async with await Store.open(str(path)) as store:
+        event = make_event(1)
+        await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+        [item] = await store.claim("hook", time.time() + 1, 10)
+        assert item.event_id == event.id
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 async def test_a_failed_commit_leaves_nothing_behind(store: Store) -> None:

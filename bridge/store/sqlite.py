@@ -35,6 +35,7 @@ from bridge.store.base import (
 )
 from bridge.store.schema import SQLITE_MIGRATIONS
 
+PAGE_SIZE = 8192  # for new database files; see open()
 _CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
 
 _ITEM_COLUMNS = (
@@ -75,6 +76,11 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
         try:
+            # Before anything creates the file's first page (later it changes nothing): an event is
+            # about 2 KB of JSON, and a 4 KiB page (SQLite's default) holds only one of them with
+            # half the page left empty; at 8 KiB three fit. Storing a snapshot then writes about
+            # 40% fewer pages, and the file (and each checkpoint) is that much smaller.
+            await db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             await db.execute("PRAGMA journal_mode=WAL")
             # NORMAL, not FULL: in WAL mode a commit is in the OS once COMMIT returns, so a crash or
             # SIGKILL of this process loses nothing committed; only a power cut or kernel panic can
