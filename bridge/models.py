@@ -6,6 +6,7 @@ Pipeline: source -> snapshot -> diff -> events -> rules -> outbox -> targets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -137,7 +138,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@functools.lru_cache(maxsize=256)
 def iso(ts: datetime) -> str:
+    """RFC 3339 in UTC with milliseconds. Cached: the events of one snapshot share their time."""
     return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
