@@ -17,6 +17,7 @@ from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.store import Store, open_store
 from bridge.store.base import COMMIT_CHUNK, RecentPayloads, event_json
+from bridge.store.schema import SQLITE_MIGRATIONS
 from tests import pg
 from tests.receiver import make_delivery, make_event
 
@@ -339,19 +340,41 @@ async def test_every_store_has_a_holder_name(store: Store) -> None:
     assert f":{os.getpid()}:" in store.holder
 
 
-async def test_an_older_database_gains_the_messages_table(tmp_path: Path) -> None:
+async def test_a_database_of_the_first_version_is_upgraded_with_its_data(tmp_path: Path) -> None:
+    """A file made by the first release (schema 1: text keys everywhere, no messages or leases)
+    is migrated in place: its events, pending deliveries and dead letters carry over."""
     path = tmp_path / "old.db"
-    async with await Store.open(str(path)):
-        pass
+    events = [make_event(n) for n in range(3)]
     with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE messages")
-        db.execute("DROP TABLE leases")
-        db.execute("DROP INDEX tasks_open")
-        db.execute("DROP INDEX outbox_event")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SQLITE_MIGRATIONS[0])
         db.execute("PRAGMA user_version = 1")
+        for n, event in enumerate(events):
+            db.execute(
+                "INSERT INTO events (id, type, source, subject, time, json) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (event.id, event.type, event.source, event.subject, 1.0 + n, event_json(event)),
+            )
+            state, error = ("dead", "HTTP 400") if n == 2 else ("pending", None)
+            db.execute(
+                'INSERT INTO outbox (id, target, rule, event_id, title, body, "group", '
+                "created_at, next_at, updated_at, last_error, state) "
+                "VALUES (?, 'hook', 'r', ?, 't', 'b', NULL, 1.0, 1.0, 1.0, ?, ?)",
+                (f"{event.id}:hook", event.id, error, state),
+            )
     async with await Store.open(str(path)) as store:
+        pending = await store.claim("hook", time.time(), 10)
+        assert [i.event_id for i in pending] == [e.id for e in events[:2]]
+        assert [i.payload for i in pending] == [event_json(e) for e in events[:2]]
+        await store.mark_sent([i.id for i in pending])
+        [dead] = await store.dead_letters()
+        assert (dead.id, dead.last_error) == (f"{events[2].id}:hook", "HTTP 400")
+        assert await store.replay([dead.id]) == 1
+        [again] = await store.claim("hook", time.time(), 10)
+        assert again.event.cloudevent() == events[2].cloudevent()
         await store.put_message("discord", "mj:1", "m")
         assert await store.get_message("discord", "mj:1") == "m"
+        assert await store.outbox_depth() == {"hook": 1}
 
 
 async def test_deliveries_to_a_removed_target_become_dead_letters(store: Store) -> None:

@@ -42,6 +42,7 @@ _ITEM_COLUMNS = (
     'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
     "o.next_at, o.last_error"
 )
+_JOIN_EVENTS = "JOIN events e ON e.seq = o.event_seq"
 
 
 def _marks(n: int) -> str:
@@ -61,6 +62,8 @@ class SqliteStore(Store):
         # statements, and a read must not see another's uncommitted writes.
         self._lock = asyncio.Lock()
         self._payloads = RecentPayloads()
+        # Rowids of the deliveries claimed and not settled yet: acks find their rows by rowid.
+        self._rowids: dict[str, int] = {}
         self.holder = new_holder()
 
     @classmethod
@@ -114,11 +117,20 @@ class SqliteStore(Store):
                 f"the database {path} has schema version {version}, newer than this bridge "
                 f"knows ({len(SQLITE_MIGRATIONS)}); upgrade the bridge"
             )
+        if version == len(SQLITE_MIGRATIONS):
+            return
+        # Foreign keys off while tables are rebuilt (SQLite's documented procedure; the pragma
+        # does nothing inside a transaction), checked once everything is applied.
+        await self._db.execute("PRAGMA foreign_keys=OFF")
         for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
             # executescript commits on its own, so the version bump rides inside the script.
             await self._db.executescript(
                 f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
             )
+        await self._db.execute("PRAGMA foreign_keys=ON")
+        broken = await self._db.execute_fetchall("PRAGMA foreign_key_check")
+        if broken:
+            raise StoreError(f"the database {path} failed its foreign key check after upgrading")
 
     async def close(self) -> None:
         await self._db.close()
@@ -233,10 +245,11 @@ class SqliteStore(Store):
                 if d.event.id in new_ids
             ]
             if rows:
+                # Only the new events' deliveries: none of them can be stored already.
                 await db.executemany(
-                    "INSERT OR IGNORE INTO outbox (id, target, rule, event_id, title, body, "
+                    "INSERT INTO outbox (id, target, rule, event_seq, title, body, "
                     '"group", created_at, next_at, updated_at) '
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, (SELECT seq FROM events WHERE id = ?), ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             if seen:
@@ -257,12 +270,14 @@ class SqliteStore(Store):
         # One statement is one transaction and one trip to the database thread: the hot path.
         # The events' JSON comes from RecentPayloads when this process just committed them.
         sql = (
-            "UPDATE outbox SET state = 'inflight' WHERE id IN ("
-            "SELECT id FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
-            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, event_id, "
-            'title, body, "group", attempts, created_at, next_at, last_error'
+            "UPDATE outbox SET state = 'inflight' WHERE rowid IN ("
+            "SELECT rowid FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
+            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, "
+            "(SELECT id FROM events WHERE seq = outbox.event_seq), "
+            'title, body, "group", attempts, created_at, next_at, last_error, rowid'
         )
         rows = await self._fetch(sql, (target, now, limit))
+        self._rowids.update((r[0], r[11]) for r in rows)
         return await claimed_items(rows, self._payloads, self._event_json)
 
     async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
@@ -275,30 +290,50 @@ class SqliteStore(Store):
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
         await self._update_ids(
-            "UPDATE outbox SET state = 'pending' WHERE state = 'inflight' AND id IN", (), ids
+            "UPDATE outbox SET state = 'pending' WHERE state = 'inflight' AND rowid IN", (), ids
         )
 
     async def mark_sent(self, ids: Sequence[str]) -> None:
         await self._update_ids(
             "UPDATE outbox SET state = 'sent', attempts = attempts + 1, updated_at = ?, "
-            "last_error = NULL WHERE id IN",
+            "last_error = NULL WHERE rowid IN",
             (time.time(),),
             ids,
         )
 
     async def mark_retry(self, id: str, next_at: float, error: str) -> None:
-        await self._fetch(
+        await self._update_ids(
             "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?, "
-            "last_error = ?, updated_at = ? WHERE id = ?",
-            (next_at, error, time.time(), id),
+            "last_error = ?, updated_at = ? WHERE rowid IN",
+            (next_at, error, time.time()),
+            [id],
         )
 
     async def mark_dead(self, id: str, error: str) -> None:
-        await self._fetch(
+        await self._update_ids(
             "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?, "
-            "updated_at = ? WHERE id = ?",
-            (error, time.time(), id),
+            "updated_at = ? WHERE rowid IN",
+            (error, time.time()),
+            [id],
         )
+
+    async def _rowids_of(self, ids: Sequence[str]) -> list[int]:
+        """The rowids of deliveries named by id: remembered from their claim, or else looked up
+        by their event and target (the id is "{event id}:{target}"; both are indexed)."""
+        found: list[int] = []
+        for id in ids:
+            rowid = self._rowids.pop(id, None)
+            if rowid is None:
+                event, _, target = id.partition(":")
+                rows = await self._fetch(
+                    "SELECT o.rowid FROM outbox o JOIN events e ON e.seq = o.event_seq "
+                    "WHERE e.id = ? AND o.target = ?",
+                    (event, target),
+                )
+                found.extend(r[0] for r in rows)
+            else:
+                found.append(rowid)
+        return found
 
     async def abandon(self, targets: Collection[str]) -> dict[str, int]:
         known = list(targets)
@@ -311,19 +346,21 @@ class SqliteStore(Store):
         return dict(Counter(r[0] for r in rows))
 
     async def _update_ids(self, sql: str, params: tuple[Any, ...], ids: Sequence[str]) -> None:
-        """`sql` ends in `id IN`; run it for `ids`: one statement when they fit in one."""
-        ids = list(ids)
-        if len(ids) <= _CHUNK:
-            if ids:
-                await self._fetch(f"{sql} ({_marks(len(ids))})", (*params, *ids))
+        """`sql` ends in `rowid IN`; run it for the deliveries `ids` names: one statement when
+        they fit in one."""
+        rowids = await self._rowids_of(ids)
+        if len(rowids) <= _CHUNK:
+            if rowids:
+                await self._fetch(f"{sql} ({_marks(len(rowids))})", (*params, *rowids))
             return
         async with self._tx():
-            for chunk in chunks(ids, _CHUNK):
+            for start in range(0, len(rowids), _CHUNK):
+                chunk = rowids[start : start + _CHUNK]
                 await self._db.execute(f"{sql} ({_marks(len(chunk))})", (*params, *chunk))
 
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
         sql = (
-            f"SELECT {_ITEM_COLUMNS} FROM outbox o JOIN events e ON e.id = o.event_id "
+            f"SELECT {_ITEM_COLUMNS} FROM outbox o {_JOIN_EVENTS} "
             "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
         return [item_from_row(r) for r in await self._fetch(sql, (limit,))]
@@ -357,7 +394,7 @@ class SqliteStore(Store):
         """The latest deliveries in any state, newest first (status page)."""
         sql = (
             f"SELECT {_ITEM_COLUMNS}, o.state, o.updated_at FROM outbox o "
-            "JOIN events e ON e.id = o.event_id ORDER BY o.updated_at DESC, o.id LIMIT ?"
+            f"{_JOIN_EVENTS} ORDER BY o.updated_at DESC, o.id LIMIT ?"
         )
         return [OutboxRow(item_from_row(r), r[11], r[12]) for r in await self._fetch(sql, (limit,))]
 
@@ -404,7 +441,7 @@ class SqliteStore(Store):
             events += await self._delete(
                 "DELETE FROM events WHERE time < ? AND time >= ? AND (time > ? OR rowid > ?) "
                 "AND time <= ? AND (time < ? OR rowid <= ?) "
-                "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.event_id = events.id)",
+                "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.event_seq = events.seq)",
                 (before, low[0], low[0], low[1], high[0], high[0], high[1]),
             )
             if not rows:
