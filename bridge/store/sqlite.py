@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ from bridge.store.base import (
     new_holder,
 )
 from bridge.store.schema import SQLITE_MIGRATIONS
+
+log = logging.getLogger("bridge.store")
 
 PAGE_SIZE = 8192  # for new database files; see open()
 _CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
@@ -121,6 +124,14 @@ class SqliteStore(Store):
             return
         # Foreign keys off while tables are rebuilt (SQLite's documented procedure; the pragma
         # does nothing inside a transaction), checked once everything is applied.
+        if version:
+            log.info(
+                "database %s: upgrading from schema version %d to %d (once; a large file takes "
+                "a while: about 15 s per 100,000 events)",
+                path,
+                version,
+                len(SQLITE_MIGRATIONS),
+            )
         await self._db.execute("PRAGMA foreign_keys=OFF")
         for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
             # executescript commits on its own, so the version bump rides inside the script.
