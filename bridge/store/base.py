@@ -11,12 +11,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import orjson
 
 from bridge.diff import TaskState
 from bridge.models import Delivery, Event
+
+T = TypeVar("T")
 
 
 class OutboxItem:
@@ -227,9 +229,9 @@ async def claimed_items(
     return sorted(items, key=lambda i: (i.next_at, i.created_at))
 
 
-def chunks(ids: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for start in range(0, len(ids), size):
-        yield ids[start : start + size]
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class Store(ABC):
@@ -303,9 +305,7 @@ class Store(ABC):
         for d in deliveries:
             candidates.setdefault(d.event.id, d.event)
             owed.setdefault(d.event.id, []).append(d)
-        ordered = list(candidates.values())
-        parts = [ordered[i : i + COMMIT_CHUNK] for i in range(0, len(ordered), COMMIT_CHUNK)]
-        parts = parts or [[]]
+        parts = list(chunks(list(candidates.values()), COMMIT_CHUNK)) or [[]]
         new: list[Event] = []
         for n, part in enumerate(parts):
             last = n == len(parts) - 1

@@ -250,11 +250,8 @@ class PostgresStore(Store):
         seen: bool,
     ) -> list[Event]:
         now = time.time()
-        candidates: dict[str, Event] = {e.id: e for e in events}
-        for d in deliveries:
-            candidates.setdefault(d.event.id, d.event)
+        event_rows = list({e.id: e for e in events}.values())
         task_rows = list(states.items())
-        event_rows = list(candidates.values())
         payloads = [event_json(e) for e in event_rows]
 
         async def call(conn: Any) -> set[str]:

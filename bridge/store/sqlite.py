@@ -122,8 +122,6 @@ class SqliteStore(Store):
             )
         if version == len(SQLITE_MIGRATIONS):
             return
-        # Foreign keys off while tables are rebuilt (SQLite's documented procedure; the pragma
-        # does nothing inside a transaction), checked once everything is applied.
         if version:
             log.info(
                 "database %s: upgrading from schema version %d to %d (once; a large file takes "
@@ -132,6 +130,8 @@ class SqliteStore(Store):
                 version,
                 len(SQLITE_MIGRATIONS),
             )
+        # Foreign keys off while tables are rebuilt (SQLite's documented procedure; the pragma
+        # does nothing inside a transaction), checked once everything is applied.
         await self._db.execute("PRAGMA foreign_keys=OFF")
         for number, script in enumerate(SQLITE_MIGRATIONS[version:], start=version + 1):
             # executescript commits on its own, so the version bump rides inside the script.
@@ -365,8 +365,7 @@ class SqliteStore(Store):
                 await self._fetch(f"{sql} ({_marks(len(rowids))})", (*params, *rowids))
             return
         async with self._tx():
-            for start in range(0, len(rowids), _CHUNK):
-                chunk = rowids[start : start + _CHUNK]
+            for chunk in chunks(rowids, _CHUNK):
                 await self._db.execute(f"{sql} ({_marks(len(chunk))})", (*params, *chunk))
 
     async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
