@@ -221,6 +221,33 @@ async def test_a_claim_sends_what_was_stored_whether_just_committed_or_read_back
         assert item.event.cloudevent() == orjson.loads(stored[item.event_id])
 
 
+async def test_events_whose_id_hashes_collide_stay_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite finds an event by a 64-bit hash of its id and then compares the id: with every hash
+    made equal, nothing is taken for stored that is not, and each delivery gets its own event."""
+    monkeypatch.setattr("bridge.store.sqlite.id_hash", lambda event_id: 7)
+    events = [make_event(n) for n in range(3)]
+    path = str(tmp_path / "b.db")
+    async with await Store.open(path) as store:
+        assert await store.commit("mj", {}, events[:1], [make_delivery(events[0], "hook")]) == [
+            events[0]
+        ]
+        new = await store.commit("mj", {}, events, [make_delivery(e, "hook") for e in events])
+        assert new == events[1:]
+    async with await Store.open(path) as store:  # cold: the JSON comes from the table
+        items = await store.claim("hook", time.time() + 1, 10)
+        assert sorted((i.event_id, i.payload) for i in items) == sorted(
+            (e.id, event_json(e)) for e in events
+        )
+        await store.mark_retry(items[0].id, time.time() + 60, "later")
+    async with await Store.open(path) as store:  # and a retry found its own row
+        assert len(await store.claim("hook", time.time() + 1, 10)) == 2
+        assert await store.outbox_depth() == {"hook": 3}
+        await store.mark_dead(items[0].id, "gone")  # not claimed here: found by event and target
+        assert [d.id for d in await store.dead_letters()] == [items[0].id]
+
+
 def test_recent_payloads_keep_the_newest_within_their_limit() -> None:
     recent = RecentPayloads(limit=10)
     recent.put("a", b"1234")

@@ -84,22 +84,26 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     # Every index on a random key (event ids are hashes) gets a new page dirtied by almost every
     # insert once the table is large, so storing a snapshot slowed down as the database grew
     # (7x at 80,000 events). The outbox now refers to its event by the event's sequence number
-    # (ascending, like the outbox's own rowid) and is found by rowid; the events' id stays
-    # unique (re-detection must find it), the only random index left. An outbox row's id
-    # ("{event id}:{target}") is still stored and shown; it is no longer a key.
-    # Runs with foreign keys off (SqliteStore._migrate), as SQLite's table rebuild asks.
+    # (ascending, like the outbox's own rowid) and is found by rowid. Re-detection must still
+    # find an event by its id: through `h`, a 64-bit hash of the id (SqliteStore's id_hash),
+    # the one random index left, at a third of the text id's size; the id is compared after.
+    # An outbox row's id ("{event id}:{target}") is still stored and shown; it is no longer a key.
+    # Runs with foreign keys off (SqliteStore._migrate), as SQLite's table rebuild asks, on a
+    # connection that has `id_hash` registered.
     """
     CREATE TABLE events_v7 (
         seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
+        h INTEGER NOT NULL,
         type TEXT NOT NULL,
         source TEXT NOT NULL,
         subject TEXT NOT NULL,
         time REAL NOT NULL,
         json BLOB NOT NULL
     );
-    INSERT INTO events_v7 (seq, id, type, source, subject, time, json)
-        SELECT rowid, id, type, source, subject, time, json FROM events ORDER BY rowid;
+    INSERT INTO events_v7 (seq, id, h, type, source, subject, time, json)
+        SELECT rowid, id, id_hash(id), type, source, subject, time, json FROM events
+        ORDER BY rowid;
     CREATE TABLE outbox_v7 (
         id TEXT NOT NULL,
         target TEXT NOT NULL,
@@ -126,6 +130,7 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events_v7 RENAME TO events;
     ALTER TABLE outbox_v7 RENAME TO outbox;
     CREATE INDEX events_time ON events (time);
+    CREATE INDEX events_h ON events (h);
     CREATE INDEX outbox_due ON outbox (target, next_at) WHERE state = 'pending';
     CREATE INDEX outbox_state ON outbox (state, updated_at);
     CREATE INDEX outbox_event ON outbox (event_seq);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sqlite3
 import time
@@ -50,6 +51,13 @@ _JOIN_EVENTS = "JOIN events e ON e.seq = o.event_seq"
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def id_hash(event_id: str) -> int:
+    """`events.h`: a signed 64-bit hash of an event id, the key re-detection finds an event by
+    (a third of the text id's size in the index; the id itself is compared after)."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class SqliteStore(Store):
@@ -100,6 +108,7 @@ class SqliteStore(Store):
             # Checkpoint every ~32 MiB of WAL instead of SQLite's 4 MiB: the two fsyncs of a
             # checkpoint come ten times less often under a burst of events.
             await db.execute("PRAGMA wal_autocheckpoint=8000")
+            await db.create_function("id_hash", 1, id_hash, deterministic=True)  # migrations
             store = cls(db)
             await store._migrate(path)
             await db.execute("UPDATE outbox SET state = 'pending' WHERE state = 'inflight'")
@@ -202,9 +211,9 @@ class SqliteStore(Store):
         db = self._db
         async with self._tx():
             known: set[str] = set()
-            ids = list(candidates)
-            for chunk in chunks(ids, _CHUNK):
-                sql = f"SELECT id FROM events WHERE id IN ({_marks(len(chunk))})"
+            hashes = {e.id: id_hash(e.id) for e in candidates.values()}
+            for chunk in chunks(list(hashes.values()), _CHUNK):
+                sql = f"SELECT id FROM events WHERE h IN ({_marks(len(chunk))})"
                 known.update(r[0] for r in await db.execute_fetchall(sql, chunk))
             new = [e for e in candidates.values() if e.id not in known]
             if states:
@@ -230,12 +239,14 @@ class SqliteStore(Store):
                     ],
                 )
             event_rows = [
-                (e.id, e.type, e.source, e.subject, e.time.timestamp(), event_json(e)) for e in new
+                (e.id, e.type, e.source, e.subject, e.time.timestamp(), event_json(e), hashes[e.id])
+                for e in new
             ]
             if event_rows:
+                # Only events not stored yet (looked up just above, in this transaction).
                 await db.executemany(
-                    "INSERT OR IGNORE INTO events (id, type, source, subject, time, json) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO events (id, type, source, subject, time, json, h) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     event_rows,
                 )
             new_ids = {e.id for e in new}
@@ -244,6 +255,7 @@ class SqliteStore(Store):
                     d.id,
                     d.target,
                     d.rule,
+                    hashes[d.event.id],
                     d.event.id,
                     d.title,
                     d.body,
@@ -260,7 +272,8 @@ class SqliteStore(Store):
                 await db.executemany(
                     "INSERT INTO outbox (id, target, rule, event_seq, title, body, "
                     '"group", created_at, next_at, updated_at) '
-                    "VALUES (?, ?, ?, (SELECT seq FROM events WHERE id = ?), ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, (SELECT seq FROM events WHERE h = ? AND id = ?), "
+                    "?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             if seen:
@@ -294,8 +307,10 @@ class SqliteStore(Store):
     async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for chunk in chunks(ids, _CHUNK):
-            sql = f"SELECT id, json FROM events WHERE id IN ({_marks(len(chunk))})"
-            out.extend(await self._fetch(sql, chunk))
+            sql = f"SELECT id, json FROM events WHERE h IN ({_marks(len(chunk))})"
+            wanted = set(chunk)
+            rows = await self._fetch(sql, [id_hash(i) for i in chunk])
+            out.extend((r[0], r[1]) for r in rows if r[0] in wanted)
         return out
 
     async def release(self, ids: Sequence[str]) -> None:
@@ -338,8 +353,8 @@ class SqliteStore(Store):
                 event, _, target = id.partition(":")
                 rows = await self._fetch(
                     "SELECT o.rowid FROM outbox o JOIN events e ON e.seq = o.event_seq "
-                    "WHERE e.id = ? AND o.target = ?",
-                    (event, target),
+                    "WHERE e.h = ? AND e.id = ? AND o.target = ?",
+                    (id_hash(event), event, target),
                 )
                 found.extend(r[0] for r in rows)
             else:
