@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.errors import Redactor
+from bridge.models import STATUS_RANK, Status
 from bridge.passthrough import add_routes
 from bridge.sources.normalize import normalize_task
 
@@ -213,9 +214,16 @@ def _tasks_of(body: bytes) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise ValueError(f"item {index} is not a JSON object")
         try:
-            tasks.append(normalize_task(item))
+            task = normalize_task(item)
         except ValueError as exc:
             raise ValueError(f"task {index}: {exc}") from exc
+        if task["status"] not in STATUS_RANK.keys() - {""} and not task.get("progress"):
+            # `{"id": "x"}` is not a task: it would reach every target as a status-less event.
+            raise ValueError(
+                f"task {index}: neither a known status ({', '.join(Status)}) nor a progress; "
+                "expected the task JSON midjourney-proxy's notifyHook sends"
+            )
+        tasks.append(task)
     return tasks
 
 

@@ -154,8 +154,22 @@ async def test_push_body_over_a_megabyte_is_refused(
         (b'[{"id": "1", "status": "SUCCESS"}, 7]', "item 1 is not a JSON object"),
         (b'{"status": "SUCCESS", "prompt": "no id"}', "task 0: no id"),
         (b'[{"id": "2", "status": "SUCCESS"}, {"id": true}]', "task 1: id is a JSON boolean"),
+        (b'{"id": "nope"}', "task 0: neither a known status"),
+        (b'{"id": "3", "status": "DONE?"}', "task 0: neither a known status"),
+        (b'[{"id": "4", "status": "SUCCESS"}, {"id": "5", "status": ""}]', "task 1: neither"),
     ],
-    ids=["empty", "truncated", "string", "empty-array", "not-an-object", "no-id", "bad-id"],
+    ids=[
+        "empty",
+        "truncated",
+        "string",
+        "empty-array",
+        "not-an-object",
+        "no-id",
+        "bad-id",
+        "id-only",
+        "unknown-status",
+        "one-of-two-unrecognisable",
+    ],
 )
 async def test_malformed_push_is_refused_and_changes_nothing(
     bridge: Harness, rx: Receiver, http: aiohttp.ClientSession, body: bytes, reason: str
