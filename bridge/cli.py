@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         help="log lines as text or as one JSON object a line (default: text)",
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging (default: info and up)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: the bridge's debug lines; -vv: the libraries' too (aiosqlite, asyncpg, aiohttp, "
+        "apprise); default: info and up, libraries' warnings only",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -163,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.setup(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
+    logs.setup(args.log_format, args.verbose)
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -13,9 +13,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bridge.config import TargetConfig
 from bridge.errors import DeliveryError, redact
+from bridge.logs import fields
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target
 
@@ -88,6 +90,22 @@ def _bucket(config: TargetConfig) -> TokenBucket | None:
     return TokenBucket(count, period)
 
 
+@dataclass(slots=True)
+class TargetHealth:
+    """How a target is doing, for logs, metrics and the status page: failing from its first
+    failed attempt until an attempt succeeds."""
+
+    failing_since: float | None = None
+    failures: int = 0  # failed attempts since it last accepted one
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_ok: float | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.failing_since is None
+
+
 @dataclass(eq=False, slots=True)
 class _Lane:
     """One target's worker state."""
@@ -101,6 +119,7 @@ class _Lane:
     fresh: bool = True  # the outbox may hold due items this lane has not claimed
     look_at: float = 0.0  # when to claim again unasked (next due time, or the idle period)
     active: set[asyncio.Task[None]] = field(default_factory=set)
+    health: TargetHealth = field(default_factory=TargetHealth)
 
 
 class Deliverer:
@@ -118,10 +137,13 @@ class Deliverer:
         backoff_cap: float = BACKOFF_CAP,
         idle: float = 5.0,
         on_outcome: Callable[[str, str, int], None] | None = None,
+        on_sent: Callable[[str, list[float]], None] | None = None,
     ) -> None:
         self._store = store
         # Called with (target, outcome, count), outcome one of OUTCOMES' values: metrics.
         self._on_outcome = on_outcome
+        # Called with (target, seconds from each delivery's creation to its acceptance): metrics.
+        self._on_sent = on_sent
         self._lanes = [
             _Lane(name, target, configs[name], _bucket(configs[name]))
             for name, target in targets.items()
@@ -139,6 +161,11 @@ class Deliverer:
         self._running = False
         self._done = asyncio.Event()
         self.counts: Counter[tuple[str, str]] = Counter()
+
+    @property
+    def health(self) -> dict[str, TargetHealth]:
+        """Each target's health, by name."""
+        return {lane.name: lane.health for lane in self._lanes}
 
     def wake(self) -> None:
         """New deliveries were committed: idle lanes claim now instead of at their next due time."""
@@ -281,12 +308,36 @@ class Deliverer:
             if len(self._acks) >= ACK_BATCH:
                 self._ack_full.set()
             self._count(lane.name, "sent", len(ids))
+            self._accepted(lane, unit)
             return
         await self._failed(lane, unit, error)
+
+    def _accepted(self, lane: _Lane, unit: list[OutboxItem]) -> None:
+        now = time.time()
+        health = lane.health
+        if health.failing_since is not None:
+            log.info(
+                "%s: delivering again after %d failed attempt(s) over %.0fs",
+                lane.name,
+                health.failures,
+                now - health.failing_since,
+                extra=fields(target=lane.name),
+            )
+        health.failing_since, health.failures, health.last_ok = None, 0, now
+        if self._on_sent is not None:
+            self._on_sent(lane.name, [now - i.created_at for i in unit])
 
     async def _failed(self, lane: _Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
         now = time.time()
         message = redact(str(error))
+        health = lane.health
+        health.failures += 1
+        health.last_error, health.last_error_at = message, now
+        # Loud once when a target starts failing (and again when it recovers, in _accepted);
+        # each retry while it stays down is a debug line, not hundreds of info lines a minute.
+        first = health.failing_since is None
+        if first:
+            health.failing_since = now
         for item in unit:
             attempts = item.attempts + 1
             give_up = None
@@ -299,17 +350,48 @@ class Deliverer:
             if give_up is not None:
                 await self._store.mark_dead(item.id, f"{message} ({give_up})")
                 self._count(lane.name, "dead")
-                log.warning("%s: delivery %s is a dead letter: %s", lane.name, item.id, message)
+                log.warning(
+                    "%s: delivery %s is a dead letter: %s",
+                    lane.name,
+                    item.id,
+                    message,
+                    extra=self._fields(lane, item, attempts),
+                )
             else:
                 delay = error.retry_after
                 if delay is None:
                     delay = backoff(item.attempts, self._backoff_base, self._backoff_cap)
                 await self._store.mark_retry(item.id, now + delay, message)
                 self._count(lane.name, "retry")
-                log.info("%s: retry %s in %.2fs: %s", lane.name, item.id, delay, message)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%s: %s; retry %s in %.2fs%s",
+                    lane.name,
+                    message,
+                    item.id,
+                    delay,
+                    " (the target is failing: retries are logged at debug until it recovers)"
+                    if first
+                    else "",
+                    extra=self._fields(lane, item, attempts),
+                )
+                first = False
             lane.held.discard(item.id)
         lane.fresh = True  # the next due time may have moved closer
         lane.signal.set()
+
+    @staticmethod
+    def _fields(lane: _Lane, item: OutboxItem, attempt: int) -> dict[str, Any]:
+        event = item.event  # parsed on this failure path only; a send never parses it
+        return fields(
+            target=lane.name,
+            delivery_id=item.id,
+            attempt=attempt,
+            event_id=event.id,
+            event_type=event.type,
+            source=event.source,
+            task=event.subject,
+        )
 
     def _count(self, target: str, outcome: str, n: int = 1) -> None:
         self.counts[(target, outcome)] += n

@@ -1,17 +1,49 @@
-"""Logging set-up for every command: readable text by default, one JSON object a line with
-`--log-format json`, and every record redacted before it is written (secrets never reach logs)."""
+"""Logging set-up for every command: readable text by default (one line an entry), one JSON object
+a line with `--log-format json`, and every record redacted before it is written (secrets never
+reach logs). The bridge's own loggers get `-v`; the libraries' (aiosqlite's SQL, asyncpg,
+aiohttp's access log, apprise) stay at warnings unless asked for with `-vv`."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
 
 from bridge.errors import Redactor
 
 LogFormat = Literal["text", "json"]
+
+#: Structured fields a record may carry (`log.info(..., extra=fields(target=..., attempt=...))`);
+#: JSON lines carry them as keys, text lines keep them in the message.
+FIELDS = ("source", "task", "event_id", "event_type", "target", "attempt", "delivery_id")
+#: Libraries whose debug output is noise to an operator (aiosqlite logs every statement).
+LIBRARIES = ("aiosqlite", "asyncpg", "aiohttp", "apprise", "asyncio", "urllib3")
+
+
+def fields(
+    *,
+    source: str | None = None,
+    task: str | None = None,
+    event_id: str | None = None,
+    event_type: str | None = None,
+    target: str | None = None,
+    attempt: int | None = None,
+    delivery_id: str | None = None,
+) -> dict[str, Any]:
+    """The `extra=` of a log call: the fields given (one of FIELDS each), None left out."""
+    values = {
+        "source": source,
+        "task": task,
+        "event_id": event_id,
+        "event_type": event_type,
+        "target": target,
+        "attempt": attempt,
+        "delivery_id": delivery_id,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 class RedactingFilter(logging.Filter):
@@ -29,6 +61,10 @@ class RedactingFilter(logging.Filter):
             record.exc_text = None
         record.msg = self.redactor(message)
         record.args = None
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str):
+                record.__dict__[name] = self.redactor(value)
         return True
 
 
@@ -42,39 +78,65 @@ class QuietAppriseFilter(logging.Filter):
         return not from_apprise or record.levelno >= logging.ERROR
 
 
+def rfc3339(created: float) -> str:
+    """`2026-12-01T05:39:54.123Z`: UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(created, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        entry: dict[str, Any] = {
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
-        return orjson.dumps(entry).decode()
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                entry[name] = value
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`05:39:54.123 INFO  bridge.deliver: ...` on one line: a message's line breaks (a traceback,
+    a multi-line config error) are written as `\\n`, so one entry is one line to grep."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC)
+        return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\r", "").replace("\n", "\\n")
 
 
 _filter = RedactingFilter(Redactor())
 
 
-def setup(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
-    """Configure the root logger once per process; `redact_with` can tighten it later."""
+def setup(fmt: LogFormat = "text", verbosity: int = 0) -> None:
+    """Configure the root logger once per process; `redact_with` can tighten it later.
+    verbosity 0: info and up; 1 (`-v`): the bridge's debug lines too; 2 (`-vv`): the libraries'
+    debug lines as well (aiosqlite's every statement, asyncpg, aiohttp, apprise)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(QuietAppriseFilter())
+    if verbosity < 2:
+        handler.addFilter(QuietAppriseFilter())
     handler.addFilter(_filter)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
-        )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+    logging.getLogger("bridge").setLevel(logging.DEBUG if verbosity >= 1 else logging.NOTSET)
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
     # apprise's failure reasons reach a call's result.logs() only through its "apprise" logger,
     # which must let warnings through whatever the root level (an ERROR here loses them all);
     # the handler's QuietAppriseFilter keeps them off the operator's screen.
-    logging.getLogger("apprise").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if verbosity < 2:
+        logging.getLogger("apprise").setLevel(logging.WARNING)
 
 
 def redact_with(secrets: list[str]) -> Redactor:

@@ -17,6 +17,7 @@ from bridge.actions import UpstreamActions
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot, TaskState, diff
 from bridge.errors import SourceError
+from bridge.logs import fields
 from bridge.metrics import Metrics
 from bridge.models import Event
 from bridge.rules import Router
@@ -55,7 +56,18 @@ class Pipeline:
         if deliveries:
             self.wake()
         for event in new:
-            log.info("%s %s %s", event.type, event.source, event.subject)
+            log.info(
+                "%s %s %s",
+                event.type,
+                event.source,
+                event.subject,
+                extra=fields(
+                    source=event.source,
+                    task=event.subject,
+                    event_type=event.type,
+                    event_id=event.id,
+                ),
+            )
             for callback in self.on_event:
                 callback(event)
         return new
@@ -69,6 +81,7 @@ class SourceStatus:
     up: bool = True
     last_ok: float | None = None
     last_error: str | None = None
+    last_error_at: float | None = None
     tracked: int = 0
     unfinished: int = 0
     polls: int = 0
@@ -231,14 +244,26 @@ class Watcher:
             if self.metrics is not None:
                 self.metrics.poll(self.config.name, time.perf_counter() - started, False)
             self.status.last_error = f"{exc.reason}: {exc}"
+            self.status.last_error_at = now
             # Loud once per outage (and when it turns into source.down); quiet while it lasts.
             level = logging.WARNING if self.health.failures == 0 else logging.DEBUG
-            log.log(level, "%s: poll failed (%s): %s", self.config.name, exc.reason, exc)
+            log.log(
+                level,
+                "%s: poll failed (%s): %s",
+                self.config.name,
+                exc.reason,
+                exc,
+                extra=fields(source=self.config.name),
+            )
             down = self.health.failure(exc.reason, now, str(exc))
             self.status.up = not self.health.down
             if down is None:
                 return []
-            log.error("%s: source down after %d failed polls (%s)", *self._outage())
+            log.error(
+                "%s: source down after %d failed polls (%s)",
+                *self._outage(),
+                extra=fields(source=self.config.name),
+            )
             self.reader = None  # probe again once it answers: it may be another server now
             async with self._lock:
                 return await self.pipeline.publish(

@@ -87,20 +87,22 @@ async def test_4xx_from_the_service_is_not_retryable(rx: Receiver) -> None:
 @pytest.fixture
 def bridge_logging() -> Iterator[None]:
     """Lets a test call bridge.logs.setup(), as `bridge run` does; restores logging after."""
-    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
-    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    named = [logging.getLogger(n) for n in ("", "bridge", *logs.LIBRARIES)]
+    levels = [logger.level for logger in named]
     yield
     root.handlers[:] = handlers
-    root.setLevel(level)
-    apprise_log.setLevel(apprise_level)
+    for logger, level in zip(named, levels, strict=True):
+        logger.setLevel(level)
 
 
-@pytest.mark.parametrize("level", [logging.INFO, logging.ERROR], ids=["info", "error"])
+@pytest.mark.parametrize("verbosity", [0, 1], ids=["default", "-v"])
 @pytest.mark.usefixtures("bridge_logging")
 async def test_a_refusal_keeps_its_reason_under_the_bridges_logging(
-    rx: Receiver, capsys: pytest.CaptureFixture[str], level: int
+    rx: Receiver, capsys: pytest.CaptureFixture[str], verbosity: int
 ) -> None:
-    logs.setup("text", level)
+    logs.setup("text", verbosity)
     rx.respond(Reply(400, b"no such channel"))
     with pytest.raises(DeliveryError) as info:
         await apprise_target(f"json://127.0.0.1:{rx.port}/notify").send(item())
