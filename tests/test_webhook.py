@@ -10,14 +10,16 @@ from email.utils import formatdate
 import aiohttp
 import orjson
 import pytest
+from cloudevents.core.base import BaseCloudEvent
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from standardwebhooks.webhooks import Webhook
 
 from bridge.config import WebhookTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets import WebhookTarget, build_target
-from bridge.targets.webhook import retry_after
-from tests.receiver import Receiver, Reply, make_event
+from bridge.targets.webhook import ce_header, retry_after
+from tests.receiver import Receiver, Reply, Request, make_event
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -65,8 +67,71 @@ async def test_signed_cloudevent_verifies_with_standardwebhooks(
     assert body["data"]["task"]["status"] == "SUCCESS"
     assert req.headers["webhook-id"] == sent.event.id
     assert abs(int(req.headers["webhook-timestamp"]) - time.time()) < 60
-    assert req.headers["content-type"] == "application/json"
+    assert req.headers["content-type"] == "application/cloudevents+json"
     assert req.headers["x-team"] == "art"
+
+
+def _parsed(req: Request) -> BaseCloudEvent:
+    """The body as the CloudEvents SDK reads it (binary or structured, by its headers)."""
+    return from_http_event(HTTPMessage(headers=dict(req.headers), body=req.body))
+
+
+async def test_structured_mode_parses_with_the_cloudevents_sdk(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
+    sent = item()
+    await target(rx, session, secret=SECRET).send(sent)
+    [req] = await rx.wait_for(1)
+    assert req.headers["content-type"] == "application/cloudevents+json"
+    event = _parsed(req)
+    assert event.get_id() == sent.event.id
+    assert event.get_type() == "task.succeeded"
+    assert event.get_source() == "bridge/mj"
+    assert event.get_subject() == sent.event.subject
+    assert event.get_time() == sent.event.time.replace(
+        microsecond=sent.event.time.microsecond // 1000 * 1000
+    )
+    data = event.get_data()
+    assert isinstance(data, dict)
+    assert data["task"]["status"] == "SUCCESS"
+
+
+async def test_binary_mode_sends_ce_headers_and_the_data_as_the_body(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
+    sent = item()
+    hook = target(rx, session, secret=SECRET, mode="binary", type_prefix="com.example.mj.")
+    await hook.send(sent)
+    [req] = await rx.wait_for(1)
+    assert req.headers["ce-specversion"] == "1.0"
+    assert req.headers["ce-id"] == sent.event.id
+    assert req.headers["content-type"] == "application/json"
+    event = _parsed(req)
+    assert event.get_type() == "com.example.mj.task.succeeded"
+    assert event.get_id() == sent.event.id
+    assert event.get_source() == "bridge/mj"
+    assert event.get_time() == sent.event.time.replace(
+        microsecond=sent.event.time.microsecond // 1000 * 1000
+    )
+    assert event.get_data() == orjson.loads(orjson.dumps(sent.event.cloudevent()["data"]))
+    # The signature covers the body (the data) and webhook-id (the event id).
+    assert Webhook(SECRET).verify(req.body, req.headers) == event.get_data()
+
+
+async def test_a_type_prefix_in_structured_mode_and_in_digests(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
+    hook = target(rx, session, type_prefix="com.example.mj.")
+    await hook.send(item(1))
+    await hook.send_digest([item(2), item(3)])
+    single, digest = await rx.wait_for(2)
+    assert _parsed(single).get_type() == "com.example.mj.task.succeeded"
+    assert {e["type"] for e in orjson.loads(digest.body)} == {"com.example.mj.task.succeeded"}
+
+
+def test_a_header_value_outside_printable_ascii_is_percent_encoded() -> None:
+    assert ce_header('task 1/ü"%') == "task%201/%C3%BC%22%25"
+    assert ce_header("2026-12-01T05:39:54.123Z") == "2026-12-01T05:39:54.123Z"
 
 
 async def test_a_repeat_carries_the_same_webhook_id(

@@ -133,6 +133,12 @@ class WebhookTargetConfig(TargetCommon):
     webhook: str
     secret: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    # CloudEvents HTTP binding: the whole event as the body (structured, the default) or its data
+    # as the body and the attributes as ce- headers (binary).
+    mode: Literal["structured", "binary"] = "structured"
+    # Put before every event type sent: "com.example.mj." makes task.succeeded
+    # com.example.mj.task.succeeded (CloudEvents recommends reverse-DNS types).
+    type_prefix: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9._:/-]*$")
 
     _webhook = field_validator("webhook")(_http_url)
 

@@ -1,5 +1,7 @@
-"""Target: a signed webhook. POSTs the event as CloudEvents JSON with Standard Webhooks headers
-(`webhook-id` is the event id, so a repeat carries the same id) and classifies the answer.
+"""Target: a signed webhook. POSTs the event as CloudEvents (HTTP binding: structured mode, the
+whole event as `application/cloudevents+json`, or binary mode, `ce-` headers and the data as the
+body) with Standard Webhooks headers (`webhook-id` is the event id, so a repeat carries the same
+id) and classifies the answer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -22,7 +26,24 @@ from bridge.errors import DeliveryError, Redactor
 from bridge.models import event_id
 from bridge.store import OutboxItem
 
+CLOUDEVENTS = "application/cloudevents+json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
+# The attributes binary mode moves to headers; `data` is the body, `datacontenttype` its type.
+_CE_HEADERS = ("specversion", "id", "type", "source", "subject", "time")
+
+
+# The HTTP binding (3.1.3.2): printable ASCII but space, `"` and `%` goes as is, the rest is
+# percent-encoded as UTF-8.
+_CE_SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"%')
+
+
+def ce_header(value: str) -> str:
+    """A CloudEvents attribute as an HTTP header value."""
+    return quote(value, safe=_CE_SAFE)
+
+
+def with_prefix(event: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {**event, "type": prefix + str(event.get("type", ""))} if prefix else event
 
 
 def signing_key(secret: str) -> bytes:
@@ -91,25 +112,45 @@ class WebhookTarget:
         self._session = session
         key = signing_key(config.secret) if config.secret else None
         self._key = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
-        self._headers = {**config.headers, "content-type": "application/json"}
+        self._headers = {**config.headers, "content-type": CLOUDEVENTS}
+        self._binary = config.mode == "binary"
+        self._prefix = config.type_prefix
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([v for v in (config.secret, *config.headers.values()) if v])
 
     async def send(self, item: OutboxItem) -> None:
-        await self._post(item.event_id, item.payload, "application/json")
+        if not (self._binary or self._prefix):
+            # The stored JSON as it is: the hot path never parses an event.
+            await self._post(item.event_id, item.payload, CLOUDEVENTS)
+            return
+        event = with_prefix(orjson.loads(item.payload), self._prefix)
+        if not self._binary:
+            await self._post(item.event_id, orjson.dumps(event), CLOUDEVENTS)
+            return
+        ce = {f"ce-{k}": ce_header(str(event[k])) for k in _CE_HEADERS if event.get(k) is not None}
+        body = orjson.dumps(event.get("data"))
+        await self._post(item.event_id, body, str(event.get("datacontenttype", "")), ce)
 
     async def send_digest(self, items: Sequence[OutboxItem]) -> None:
-        """One POST of a CloudEvents batch (a JSON array of events). Its `webhook-id` is derived
-        from the event ids, so a repeat of the same digest carries the same id."""
-        body = orjson.dumps([i.event.cloudevent() for i in items])
+        """One POST of a CloudEvents batch (a JSON array of events; in binary mode too, which
+        has no batches). Its `webhook-id` is derived from the event ids, so a repeat of the same
+        digest carries the same id."""
+        body = orjson.dumps([with_prefix(i.event.cloudevent(), self._prefix) for i in items])
         digest_id = event_id("digest", *sorted(i.event.id for i in items))
         await self._post(digest_id, body, CLOUDEVENTS_BATCH)
 
-    async def _post(self, msg_id: str, body: bytes, content_type: str) -> None:
+    async def _post(
+        self,
+        msg_id: str,
+        body: bytes,
+        content_type: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
         timestamp = int(time.time())
         headers = {
             **self._headers,
-            "content-type": content_type,
+            **(extra or {}),
+            "content-type": content_type or "application/json",
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
         }
