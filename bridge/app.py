@@ -117,7 +117,13 @@ class Bridge:
                 count,
                 name,
             )
-        deliverer = Deliverer(store, targets, config.targets, on_outcome=self.metrics.delivery)
+        deliverer = Deliverer(
+            store,
+            targets,
+            config.targets,
+            on_outcome=self.metrics.delivery,
+            on_sent=self.metrics.sent,
+        )
         # Throttle and digest memory carries over a reload for the rules that keep their name.
         self._router = Router(config, previous=self._router)
         pipeline = Pipeline(

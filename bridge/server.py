@@ -188,6 +188,7 @@ async def metrics(request: web.Request) -> web.Response:
     bridge.metrics.set_outbox(depth, dead, sorted({*running.config.targets, *depth, *dead}))
     for name, watcher in running.watchers.items():
         bridge.metrics.source_up.labels(name).set(1 if watcher.status.up else 0)
+    bridge.metrics.set_targets(running.deliverer.health)
     return web.Response(body=bridge.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
