@@ -27,7 +27,7 @@ from bridge.retention import prune_forever
 from bridge.rules import Router
 from bridge.sources.poll import PollingSource
 from bridge.store import Store
-from bridge.targets import build_target
+from bridge.targets import build_target, close_targets
 from bridge.watch import Pipeline, Watcher
 
 log = logging.getLogger("bridge.app")
@@ -142,6 +142,8 @@ class Bridge:
             config.server.listen if config.server else "off",
         )
         async with AsyncExitStack() as stack:
+            # Last out: a broker target's connection closes after the deliverer has drained.
+            stack.push_async_callback(close_targets, list(targets.values()))
             if config.server is not None:
                 from bridge.server import serve
 

@@ -17,7 +17,7 @@ from bridge.config import Config, TargetConfig
 from bridge.errors import DeliveryError, Redactor, redact
 from bridge.models import Event, event_id
 from bridge.store import OutboxItem, Store
-from bridge.targets import build_target
+from bridge.targets import build_target, close_targets
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LIST_LIMIT = 1000
@@ -96,7 +96,10 @@ async def send_test(name: str, config: TargetConfig, session: aiohttp.ClientSess
         raise DeliveryError(f"{name}: {redact(str(exc))}", retryable=False) from exc
     item = sample_item(name)
     started = time.monotonic()
-    await target.send(item)
+    try:
+        await target.send(item)
+    finally:
+        await close_targets([target])
     elapsed = time.monotonic() - started
     return f"{name}: accepted the test notification in {elapsed * 1000:.0f} ms (id {item.event.id})"
 

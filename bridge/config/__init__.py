@@ -6,11 +6,17 @@ durations and rates (`schema`); `load_config` reports every problem at once as F
 from bridge.config.load import check, load_config
 from bridge.config.reload import ConfigWatcher, watch_config
 from bridge.config.schema import (
+    AmqpTargetConfig,
     AppriseTargetConfig,
+    BrokerTargetCommon,
+    BrokerTargetConfig,
     ChatTargetCommon,
     Config,
     DiscordTargetConfig,
     GroupConfig,
+    MqttTargetConfig,
+    NatsTargetConfig,
+    RedisTargetConfig,
     RuleConfig,
     ServerConfig,
     SlackTargetConfig,
@@ -25,14 +31,20 @@ from bridge.config.schema import (
 from bridge.errors import ConfigError, Problem
 
 __all__ = [
+    "AmqpTargetConfig",
     "AppriseTargetConfig",
+    "BrokerTargetCommon",
+    "BrokerTargetConfig",
     "ChatTargetCommon",
     "Config",
     "ConfigError",
     "ConfigWatcher",
     "DiscordTargetConfig",
     "GroupConfig",
+    "MqttTargetConfig",
+    "NatsTargetConfig",
     "Problem",
+    "RedisTargetConfig",
     "RuleConfig",
     "ServerConfig",
     "SlackTargetConfig",

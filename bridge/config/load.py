@@ -25,10 +25,14 @@ from bridge import rules, templates
 from bridge.config.schema import (
     _ENV,
     TARGET_KINDS,
+    AmqpTargetConfig,
     AppriseTargetConfig,
     Config,
     DiscordTargetConfig,
     GroupConfig,
+    MqttTargetConfig,
+    NatsTargetConfig,
+    RedisTargetConfig,
     RuleConfig,
     ServerConfig,
     SlackTargetConfig,
@@ -185,6 +189,10 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
                 "webhook": WebhookTargetConfig,
                 "discord": DiscordTargetConfig,
                 "slack": SlackTargetConfig,
+                "nats": NatsTargetConfig,
+                "amqp": AmqpTargetConfig,
+                "redis": RedisTargetConfig,
+                "mqtt": MqttTargetConfig,
             }
             return models.get(kind, AppriseTargetConfig)
         case ("rules", int()):
@@ -209,8 +217,8 @@ def _validation_problems(doc: _Document, raw: Any, exc: ValidationError) -> None
             hint = rules.suggest(str(loc[-1]), list(model.model_fields)) if model else ""
             doc.add(doc.key_at(loc), f"{_dotted(loc[:-1])}: unknown key '{loc[-1]}'{hint}")
         elif kind == "union_tag_invalid":
-            doc.add(doc.at(loc), f"{_dotted(loc)}: kind must be apprise or webhook, "
-                    "or discord or slack for chat")  # fmt: skip
+            doc.add(doc.at(loc), f"{_dotted(loc)}: kind must be apprise or webhook, discord "
+                    "or slack for chat, or nats, amqp, redis or mqtt for a broker")  # fmt: skip
         else:
             # pydantic's messages name the expected shape, never the input value.
             message = str(error["msg"]).removeprefix("Value error, ")

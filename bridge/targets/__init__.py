@@ -4,14 +4,19 @@ holds the `Target` seam and picks the implementation with a `match` on the confi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, assert_never
 
 import aiohttp
 
 from bridge.config import (
+    AmqpTargetConfig,
     AppriseTargetConfig,
     DiscordTargetConfig,
+    MqttTargetConfig,
+    NatsTargetConfig,
+    RedisTargetConfig,
     SlackTargetConfig,
     TargetConfig,
     WebhookTargetConfig,
@@ -57,8 +62,35 @@ def build_target(
             return DiscordTarget(name, config, session, store)
         case SlackTargetConfig():
             return SlackTarget(name, config, session, store)
+        # The broker clients are imported only when a config uses them.
+        case NatsTargetConfig():
+            from bridge.targets.jetstream import NatsTarget
+
+            return NatsTarget(name, config)
+        case AmqpTargetConfig():
+            from bridge.targets.amqp import AmqpTarget
+
+            return AmqpTarget(name, config)
+        case RedisTargetConfig():
+            from bridge.targets.redis_streams import RedisTarget
+
+            return RedisTarget(name, config)
+        case MqttTargetConfig():
+            from bridge.targets.mqtt import MqttTarget
+
+            return MqttTarget(name, config)
         case _:
             assert_never(config)
+
+
+async def close_targets(targets: Iterable[Target]) -> None:
+    """Close what targets hold of their own (a broker target's connection). The HTTP targets
+    hold nothing: they use the process's session."""
+    for target in targets:
+        aclose = getattr(target, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
 
 __all__ = [
@@ -68,4 +100,5 @@ __all__ = [
     "Target",
     "WebhookTarget",
     "build_target",
+    "close_targets",
 ]

@@ -1,0 +1,99 @@
+"""Target: NATS JetStream. Publishes each event to a subject (a template) with `Nats-Msg-Id` set
+to the event id, so the stream's duplicate window drops a redelivery; the stream's publish ack
+is the delivery's success. A stream must capture the subject (docs/brokers.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+
+from bridge import topics
+from bridge.config import NatsTargetConfig
+from bridge.errors import DeliveryError
+from bridge.store import OutboxItem
+from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
+from bridge.templates import compile_template
+
+
+class NatsTarget:
+    def __init__(self, name: str, config: NatsTargetConfig) -> None:
+        self.name = name
+        self._config = config
+        self._subject = compile_template(config.subject)
+        self.link: Link[Client] = Link(name, config, self._connect, self._disconnect)
+
+    async def _connect(self) -> Client:
+        async def quiet(exc: Exception) -> None:
+            pass  # connection errors reach the delivery as a DeliveryError; nats-py would log
+
+        # nats-py's own reconnect is off: the Link reconnects, with backoff, on the next send.
+        return await nats.connect(
+            servers=[self._config.nats],
+            name="mj-bridge",
+            allow_reconnect=False,
+            connect_timeout=max(1, round(self._config.timeout)),
+            error_cb=quiet,
+        )
+
+    @staticmethod
+    async def _disconnect(nc: Client) -> None:
+        await nc.close()
+
+    def headers(self, item: OutboxItem) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": item.event_id}
+        if self._config.mode == "binary":
+            headers["content-type"] = JSON
+            headers.update({f"ce-{k}": v for k, v in attributes(item).items()})
+            headers["ce-datacontenttype"] = JSON
+        else:
+            headers["content-type"] = STRUCTURED
+        return headers
+
+    async def send(self, item: OutboxItem) -> None:
+        try:
+            subject = topics.render(self._subject, item.event, "nats")
+        except ValueError as exc:
+            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
+        body = data_bytes(item) if self._config.mode == "binary" else item.payload
+        nc = await self.link.get()
+        js = nc.jetstream(timeout=self._config.timeout)
+        try:
+            await js.publish(subject, body, headers=self.headers(item))
+        except nats.js.errors.NoStreamResponseError as exc:
+            raise DeliveryError(
+                f"{self.name}: no JetStream stream captures the subject {subject!r} (add one: "
+                f"nats stream add --subjects '{subject.split('.')[0]}.>')",
+                retryable=True,
+            ) from exc
+        except nats.js.errors.APIError as exc:
+            # 503: JetStream is unavailable for now; other codes (a full stream that refuses new
+            # messages, a message over max_payload) will not change by sending again.
+            retryable = exc.code is None or exc.code >= 500
+            raise self.link.error(
+                "JetStream refused the message", exc, retryable=retryable
+            ) from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise self.link.error("message too large", exc, retryable=False) from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            # No ack in time: sent again later under the same Nats-Msg-Id, so the stream keeps one.
+            if not nc.is_connected:
+                await self.link.drop(nc)
+            raise DeliveryError(
+                f"{self.name}: no JetStream ack within {self._config.timeout:g}s", retryable=True
+            ) from exc
+        except (nats.errors.Error, OSError) as exc:
+            await self.link.drop(nc)
+            raise self.link.error("publish failed", exc, retryable=True) from exc
+
+    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
+        """A broker keeps one message per event: a digest group is published event by event."""
+        for item in items:
+            await self.send(item)
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
