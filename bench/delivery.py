@@ -30,7 +30,7 @@ from bridge.simulator import Simulator
 from bridge.sources.normalize import parse_tasks
 from bridge.store import Store
 from bridge.targets import build_target
-from bridge.targets.notify import validate_url
+from bridge.targets.notify import load_plugins
 
 CONCURRENCY = 16  # sends in flight, the same for every contender
 FILLED = 40_000  # events already stored (and delivered) for the "filled" figure
@@ -135,7 +135,7 @@ async def bare(bodies: list[bytes], url: str) -> float:
 
 
 def _apprise(url: str) -> Any:
-    validate_url("json://localhost")  # loads apprise's plugins once, its import warnings quiet
+    load_plugins()  # loads apprise's plugins once, its import warnings quiet
     notifier = apprise.Apprise()
     if not notifier.add(url.replace("http://", "json://") + "/apprise"):
         raise RuntimeError("apprise refused the json:// URL")

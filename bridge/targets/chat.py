@@ -362,17 +362,6 @@ class ChatTarget:
             if not users[0]:
                 del self._locks[key]
 
-    # -- HTTP helpers -----------------------------------------------------------------------
-
-    def _failure(self, what: str, exc: Exception) -> DeliveryError:
-        """A transport failure (timeout, connection) as a retryable, redacted DeliveryError."""
-        if isinstance(exc, TimeoutError):
-            return DeliveryError(
-                f"{self.name}: {what} timed out after {self._config.timeout:g}s", retryable=True
-            )
-        reason = self._redact(str(exc)) or type(exc).__name__
-        return DeliveryError(f"{self.name}: {what}: {reason}", retryable=True)
-
     # -- the service's API (subclasses) -----------------------------------------------------
 
     async def _create(self, view: TaskView, image: Image | None) -> str:

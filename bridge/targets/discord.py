@@ -18,7 +18,7 @@ from bridge.config import DiscordTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import iso
 from bridge.targets.chat import ChatTarget, Image, Look, MessageGone, TaskView, clip
-from bridge.targets.webhook import retry_after
+from bridge.targets.http import classify, request, retry_after
 
 if TYPE_CHECKING:
     from bridge.store import Store
@@ -146,46 +146,42 @@ class DiscordTarget(ChatTarget):
             data, headers = form, {}
         await self._pace()
         what = "editing the message" if edit else "posting"
+        answer = await request(
+            self._session,
+            method,
+            url,
+            what=f"{self.name}: {what}",
+            timeout=self._timeout,
+            redact=self._redact,
+            params=params,
+            data=data,
+            headers=headers,
+        )
+        self._note_bucket(answer.headers)
         try:
-            async with self._session.request(
-                method,
-                url,
-                params=params,
-                data=data,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                raw = await resp.read()
-                status, answer_headers = resp.status, resp.headers
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(what, exc) from exc
-        self._note_bucket(answer_headers)
-        try:
-            body = orjson.loads(raw) if raw else None
+            body = orjson.loads(answer.body) if answer.body else None
         except orjson.JSONDecodeError:
             body = None
-        if 200 <= status < 300:
+        error = classify(answer.status, answer.headers)
+        if error is None:
             return body
+        # Discord's quirks: a 404 on an edit is a deleted message (unless the webhook itself is
+        # gone); a 429 says how long in its JSON; 401/404 mean the webhook URL is wrong.
         code = body.get("code") if isinstance(body, dict) else None
-        if edit and status == 404 and code != _UNKNOWN_WEBHOOK:
+        if edit and answer.status == 404 and code != _UNKNOWN_WEBHOOK:
             raise MessageGone
         detail = ""
         if isinstance(body, dict) and body.get("message"):
             detail = f": {body['message']}" + (f" (code {code})" if code is not None else "")
-        message = self._redact(f"{self.name}: {what}: HTTP {status}{detail}")
-        if status == 429:
-            wait = _rate_limit_wait(answer_headers, body)
+        message = self._redact(f"{self.name}: {what}: HTTP {answer.status}{detail}")
+        if answer.status == 429:
+            wait = _rate_limit_wait(answer.headers, body)
             if wait is not None:
                 self._blocked_until = max(self._blocked_until, time.monotonic() + wait)
             raise DeliveryError(message + " (rate limited)", retryable=True, retry_after=wait)
-        if status >= 500:
-            raise DeliveryError(
-                message, retryable=True, retry_after=retry_after(answer_headers.get("Retry-After"))
-            )
-        if status in (401, 404):
+        if answer.status in (401, 404):
             message += " (check the webhook URL: it was deleted or its token is wrong)"
-        raise DeliveryError(message, retryable=False)
+        raise DeliveryError(message, retryable=error.retryable, retry_after=error.retry_after)
 
     def _note_bucket(self, headers: Mapping[str, str]) -> None:
         """Discord says when a bucket is empty (X-RateLimit-Remaining: 0) and when it refills:

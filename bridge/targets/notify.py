@@ -20,6 +20,7 @@ from bridge.config import AppriseTargetConfig
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import Status
 from bridge.store import OutboxItem
+from bridge.targets.http import retryable_status
 
 log = logging.getLogger(__name__)
 _APPRISE_LOG = logging.getLogger("apprise")
@@ -30,21 +31,13 @@ _DIGEST_TITLE_MAX = 200
 
 
 @functools.cache
-def _load_plugins() -> None:
+def load_plugins() -> None:
     """apprise imports its plugins on first use, and one of them imports a deprecated stdlib
     module (imghdr, through PGPy). Load them once, with that warning silenced, so it does not
     surface wherever a URL happens to be parsed first."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         NotificationManager().load_modules()  # type: ignore[no-untyped-call]
-
-
-def validate_url(url: str) -> str | None:
-    """None when apprise understands `url`; else why not (redacted), e.g. for `bridge check`."""
-    _load_plugins()
-    if apprise.Apprise.instantiate(url) is None:
-        return "not an apprise URL this bridge can use (unknown scheme or missing parts)"
-    return None
 
 
 def digest_text(items: Sequence[OutboxItem]) -> tuple[str, str]:
@@ -58,10 +51,10 @@ def digest_text(items: Sequence[OutboxItem]) -> tuple[str, str]:
 
 
 def _retryable(reason: str) -> bool:
-    """apprise returns no status code, but its HTTP plugins log one: a 4xx other than 408/429 means
-    the service refused this message (bad token, unknown channel) and will refuse it again."""
+    """apprise returns no status code, but its HTTP plugins log one ("error=404."): judged as
+    `targets.http.classify` judges it. No code (a connection failure, a timeout) is retryable."""
     codes = [int(c) for c in _HTTP_ERROR.findall(reason)]
-    return not any(400 <= c < 500 and c not in (408, 429) for c in codes)
+    return all(retryable_status(c) for c in codes if c >= 400)
 
 
 class AppriseTarget:
@@ -71,7 +64,7 @@ class AppriseTarget:
         self.name = name
         self._config = config
         self._redact = Redactor([config.url])
-        _load_plugins()
+        load_plugins()
         # No apprise-side deadline: the socket timeouts below bound a call, and without a
         # deadline apprise sends in the calling thread instead of handing off to another pool.
         self._asset = apprise.AppriseAsset(app_id="mj-bridge", service_timeout=0)

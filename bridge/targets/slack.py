@@ -15,7 +15,7 @@ import orjson
 from bridge.config import SlackTargetConfig
 from bridge.errors import DeliveryError
 from bridge.targets.chat import ChatTarget, Image, Look, MessageGone, TaskView, clip
-from bridge.targets.webhook import retry_after
+from bridge.targets.http import classify, request, retry_after
 
 if TYPE_CHECKING:
     from bridge.store import Store
@@ -209,31 +209,36 @@ class SlackTarget(ChatTarget):
         else:
             data = orjson.dumps(payload or {})
             headers = {**self._auth, "content-type": "application/json; charset=utf-8"}
+        answer = await request(
+            self._session,
+            "POST",
+            url,
+            what=f"{self.name}: {method}",
+            timeout=self._timeout,
+            redact=self._redact,
+            data=data,
+            headers=headers,
+        )
         try:
-            async with self._session.post(
-                url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False
-            ) as resp:
-                raw = await resp.read()
-                status, wait = resp.status, retry_after(resp.headers.get("Retry-After"))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(method, exc) from exc
-        try:
-            body = orjson.loads(raw) if raw else {}
+            body = orjson.loads(answer.body) if answer.body else {}
         except orjson.JSONDecodeError:
             body = {}
         if not isinstance(body, dict):
             body = {}
         error = body.get("error") if not body.get("ok") else None
-        if status == 429 or error == "ratelimited":
+        if answer.status == 429 or error == "ratelimited":
             raise DeliveryError(
-                f"{self.name}: {method}: rate limited by Slack", retryable=True, retry_after=wait
+                f"{self.name}: {method}: rate limited by Slack",
+                retryable=True,
+                retry_after=retry_after(answer.headers.get("Retry-After")),
             )
-        if status >= 500:
+        if (failed := classify(answer.status, answer.headers)) is not None:
             raise DeliveryError(
-                f"{self.name}: {method}: HTTP {status}", retryable=True, retry_after=wait
+                f"{self.name}: {method}: {failed}",
+                retryable=failed.retryable,
+                retry_after=failed.retry_after,
             )
-        if status != 200:
-            raise DeliveryError(f"{self.name}: {method}: HTTP {status}", retryable=False)
+        # Slack's quirk: most failures are HTTP 200 with {"ok": false, "error": "..."}.
         if body.get("ok"):
             return body
         error = str(error or "no ok in the answer")

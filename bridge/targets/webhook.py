@@ -1,7 +1,7 @@
 """Target: a signed webhook. POSTs the event as CloudEvents (HTTP binding: structured mode, the
 whole event as `application/cloudevents+json`, or binary mode, `ce-` headers and the data as the
 body) with Standard Webhooks headers (`webhook-id` is the event id, so a repeat carries the same
-id) and classifies the answer.
+id); the answer is judged by `targets.http.classify`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +23,9 @@ from bridge.config import WebhookTargetConfig
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import event_id
 from bridge.store import OutboxItem
+from bridge.targets.http import classify, request, retry_after
+
+__all__ = ["CLOUDEVENTS_BATCH", "WebhookTarget", "retry_after", "sign", "signing_key"]
 
 CLOUDEVENTS = "application/cloudevents+json"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
@@ -66,39 +67,6 @@ def sign(key: bytes | hmac.HMAC, msg_id: str, timestamp: int, body: bytes) -> st
     mac.update(f"{msg_id}.{timestamp}.".encode())
     mac.update(body)
     return "v1," + base64.b64encode(mac.digest()).decode()
-
-
-def retry_after(value: str | None, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds to wait: delta-seconds or an HTTP-date; None when absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
-
-
-def classify(status: int, headers: Mapping[str, str], detail: str) -> DeliveryError | None:
-    """None for 2xx; a retryable error for 5xx and 429; a final one for everything else."""
-    if 200 <= status < 300:
-        return None
-    message = f"HTTP {status}" + (f": {detail}" if detail else "")
-    if status >= 500 or status == 429:
-        return DeliveryError(
-            message, retryable=True, retry_after=retry_after(headers.get("Retry-After"))
-        )
-    if 300 <= status < 400:
-        message += f" (redirect to {headers.get('Location', '?')}; update the webhook URL)"
-    return DeliveryError(message, retryable=False)
 
 
 class WebhookTarget:
@@ -156,27 +124,19 @@ class WebhookTarget:
         }
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, msg_id, timestamp, body)
-        try:
-            async with self._session.post(
-                self._url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                # Read the body even on success so the pooled connection can be reused.
-                text = await resp.read()
-                if 200 <= resp.status < 300:
-                    return
-                detail = text[:200].decode("utf-8", "replace").strip()
-                error = classify(resp.status, resp.headers, detail)
-        except TimeoutError as exc:
-            raise DeliveryError(
-                f"{self.name}: timed out after {self._timeout.total:g}s", retryable=True
-            ) from exc
-        except aiohttp.ClientError as exc:
-            reason = self._redact(str(exc)) or type(exc).__name__
-            raise DeliveryError(f"{self.name}: {reason}", retryable=True) from exc
+        answer = await request(
+            self._session,
+            "POST",
+            self._url,
+            what=self.name,
+            timeout=self._timeout,
+            redact=self._redact,
+            data=body,
+            headers=headers,
+        )
+        if 200 <= answer.status < 300:
+            return
+        error = classify(answer.status, answer.headers, answer.detail())
         if error is not None:
             raise DeliveryError(
                 f"{self.name}: {self._redact(str(error))}",
