@@ -23,8 +23,6 @@ from bridge.targets import Target
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 600.0
 # What each attempt's outcome is called in metrics: a retry is a temporary failure, a dead letter
 # a permanent one (refused for good, or out of attempts or age).
 OUTCOMES = {"sent": "sent", "retry": "temporary_failure", "dead": "permanent_failure"}
@@ -35,10 +33,12 @@ ACK_GATHER = 0.05
 ACK_BATCH = 1024
 
 
-def backoff(attempts: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempts)], so a
-    crowd of failed deliveries does not come back in lockstep (AWS architecture blog)."""
-    return random.uniform(0.0, min(cap, base * 2.0 ** min(attempts, 32)))
+def backoff(failures: int, base: float, cap: float) -> float:
+    """The wait after the `failures`-th failure in a row: `base` doubled each time up to `cap`,
+    with equal jitter (uniform in the upper half), so waits never exceed the cap and a crowd of
+    bridges does not come back in lockstep (AWS architecture blog)."""
+    step = min(cap, base * 2.0 ** min(max(failures, 1) - 1, 32))
+    return random.uniform(step / 2, step)
 
 
 class TokenBucket:
@@ -95,8 +95,8 @@ class TargetHealth:
     """How a target is doing, for logs, metrics and the status page: failing from its first
     failed attempt until an attempt succeeds."""
 
-    failing_since: float | None = None
-    failures: int = 0  # failed attempts since it last accepted one
+    failing_since: float | None = None  # its first retryable failure since it last accepted one
+    failures: int = 0  # retryable failures in a row
     last_error: str | None = None
     last_error_at: float | None = None
     last_ok: float | None = None
@@ -120,6 +120,11 @@ class _Lane:
     look_at: float = 0.0  # when to claim again unasked (next due time, or the idle period)
     active: set[asyncio.Task[None]] = field(default_factory=set)
     health: TargetHealth = field(default_factory=TargetHealth)
+    # While the target keeps failing (health.failing_since), one delivery (the probe) is tried
+    # at a time and the rest wait in the outbox; the first success sends them all again.
+    probe_at: float = 0.0  # when the next probe may go
+    probe: list[OutboxItem] | None = None  # the unit being tried, while one is
+    parked: list[str] = field(default_factory=list)  # claimed before it failed; to hand back
 
 
 class Deliverer:
@@ -133,8 +138,8 @@ class Deliverer:
         targets: Mapping[str, Target],
         configs: Mapping[str, TargetConfig],
         *,
-        backoff_base: float = BACKOFF_BASE,
-        backoff_cap: float = BACKOFF_CAP,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
         idle: float = 5.0,
         on_outcome: Callable[[str, str, int], None] | None = None,
         on_sent: Callable[[str, list[float]], None] | None = None,
@@ -148,6 +153,7 @@ class Deliverer:
             _Lane(name, target, configs[name], _bucket(configs[name]))
             for name, target in targets.items()
         ]
+        # Overrides of every target's `backoff` and `backoff_cap` (tests).
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         # Deliveries may also appear without a wake() (e.g. `bridge dlq replay` from another
@@ -245,6 +251,11 @@ class Deliverer:
                 if self._stopping:
                     return
                 unit = waiting.popleft()
+                if lane.health.failing_since is not None and unit is not lane.probe:
+                    # Claimed before the target failed: back to the outbox, no attempt counted.
+                    lane.parked.extend(i.id for i in unit)
+                    lane.signal.set()
+                    continue
                 if len(waiting) < low:
                     lane.signal.set()  # the claimer tops the queue up
                 await self._deliver(lane, unit)
@@ -255,6 +266,13 @@ class Deliverer:
                 while not self._stopping:
                     # Cleared before looking at the state: anything that changes it sets it again.
                     lane.signal.clear()
+                    if lane.parked:
+                        ids, lane.parked = lane.parked, []
+                        await self._store.release(ids)
+                        lane.held.difference_update(ids)
+                    if lane.health.failing_since is not None:
+                        await self._probe(lane, waiting, ready, batch)
+                        continue
                     # Claim the next batch while half of this one is still queued, so sends never
                     # wait for a claim; after an empty claim, only once woken or due.
                     if len(waiting) < low and (lane.fresh or time.time() >= lane.look_at):
@@ -316,69 +334,139 @@ class Deliverer:
         now = time.time()
         health = lane.health
         if health.failing_since is not None:
-            log.info(
-                "%s: delivering again after %d failed attempt(s) over %.0fs",
+            log.warning(
+                "%s: the target accepts deliveries again, after %.0fs failing (%d failed tries); "
+                "sending what waited",
                 lane.name,
-                health.failures,
                 now - health.failing_since,
+                health.failures,
                 extra=fields(target=lane.name),
             )
+            lane.probe, lane.probe_at, lane.fresh = None, 0.0, True
+            lane.signal.set()
         health.failing_since, health.failures, health.last_ok = None, 0, now
         if self._on_sent is not None:
             self._on_sent(lane.name, [now - i.created_at for i in unit])
+
+    async def _probe(
+        self, lane: _Lane, waiting: deque[list[OutboxItem]], ready: asyncio.Event, batch: int
+    ) -> None:
+        """The failing lane's turn: when the probe is due, claim the oldest deliveries, try the
+        first, make dead letters of those past `max_age` and hand the rest back untouched."""
+        now = time.time()
+        if lane.probe is None and now >= lane.probe_at and (lane.fresh or now >= lane.look_at):
+            lane.fresh = False
+            items = await self._store.claim(lane.name, now, batch)
+            if items:
+                probe, *rest = units(items)
+                lane.held.update(i.id for i in items)
+                back: list[str] = []
+                for item in (i for unit in rest for i in unit):
+                    if now - item.created_at >= lane.config.max_age:
+                        why = f"{lane.health.last_error} (gave up: older than max_age)"
+                        await self._dead(lane, item, why, item.attempts)
+                    else:
+                        back.append(item.id)
+                if back:
+                    await self._store.release(back)
+                    lane.held.difference_update(back)
+                lane.probe = probe
+                waiting.append(probe)
+                ready.set()
+            else:
+                due = await self._store.next_due(lane.name)
+                lane.look_at = now + self._idle if due is None else min(now + self._idle, due)
+        if self._stopping:
+            return
+        timeout = None
+        if lane.probe is None:
+            look = lane.probe_at if lane.fresh else max(lane.probe_at, lane.look_at)
+            timeout = max(0.0, look - time.time())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await lane.signal.wait()
+
+    def _backoff(self, lane: _Lane, failures: int) -> float:
+        base = lane.config.backoff if self._backoff_base is None else self._backoff_base
+        cap = lane.config.backoff_cap if self._backoff_cap is None else self._backoff_cap
+        return backoff(failures, base, max(cap, base))
 
     async def _failed(self, lane: _Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
         now = time.time()
         message = redact(str(error))
         health = lane.health
-        health.failures += 1
-        health.last_error, health.last_error_at = message, now
-        # Loud once when a target starts failing (and again when it recovers, in _accepted);
-        # each retry while it stays down is a debug line, not hundreds of info lines a minute.
-        first = health.failing_since is None
-        if first:
-            health.failing_since = now
+        probing = unit is lane.probe
+        if probing:
+            lane.probe = None
+        next_at = None  # when this unit is tried again; None: it becomes a dead letter
+        if error.deferred:
+            next_at = now + (error.retry_after or 0.0)
+        elif error.retryable:
+            health.last_error, health.last_error_at = message, now
+            if health.failing_since is None:
+                health.failing_since, health.failures = now, 0
+                probing = True
+            if probing:
+                health.failures += 1
+                wait = error.retry_after
+                if wait is None:
+                    wait = self._backoff(lane, health.failures)
+                lane.probe_at = now + wait
+                if health.failures == 1:
+                    # Loud once when it starts failing, and once when it recovers (_accepted);
+                    # each try in between is a debug line.
+                    log.warning(
+                        "%s: the target is failing (%s); its deliveries wait and one at a time "
+                        "is tried, next in %.1fs (steps up to %gs; dead letters after max_age %gs)",
+                        lane.name,
+                        message,
+                        wait,
+                        lane.config.backoff_cap if self._backoff_cap is None else self._backoff_cap,
+                        lane.config.max_age,
+                        extra=fields(target=lane.name),
+                    )
+            next_at = max(lane.probe_at, now)
+        else:
+            health.last_error, health.last_error_at = message, now
+        limit = lane.config.max_attempts
         for item in unit:
             attempts = item.attempts + 1
             give_up = None
-            if not error.retryable:
+            if next_at is None:
                 give_up = "not retryable"
-            elif attempts >= lane.config.max_attempts:
+            elif limit is not None and attempts >= limit:
                 give_up = f"gave up after {attempts} attempts"
             elif now - item.created_at >= lane.config.max_age:
                 give_up = f"gave up: older than max_age ({lane.config.max_age:g}s)"
             if give_up is not None:
-                await self._store.mark_dead(item.id, f"{message} ({give_up})")
-                self._count(lane.name, "dead")
-                log.warning(
-                    "%s: delivery %s is a dead letter: %s",
-                    lane.name,
-                    item.id,
-                    message,
-                    extra=self._fields(lane, item, attempts),
-                )
-            else:
-                delay = error.retry_after
-                if delay is None:
-                    delay = backoff(item.attempts, self._backoff_base, self._backoff_cap)
-                await self._store.mark_retry(item.id, now + delay, message)
-                self._count(lane.name, "retry")
-                log.log(
-                    logging.WARNING if first else logging.DEBUG,
-                    "%s: %s; retry %s in %.2fs%s",
-                    lane.name,
-                    message,
-                    item.id,
-                    delay,
-                    " (the target is failing: retries are logged at debug until it recovers)"
-                    if first
-                    else "",
-                    extra=self._fields(lane, item, attempts),
-                )
-                first = False
+                await self._dead(lane, item, f"{message} ({give_up})", attempts)
+                continue
+            assert next_at is not None
+            await self._store.mark_retry(item.id, next_at, message)
+            self._count(lane.name, "retry")
+            log.debug(
+                "%s: %s; retry %s in %.2fs",
+                lane.name,
+                message,
+                item.id,
+                next_at - now,
+                extra=self._fields(lane, item, attempts),
+            )
             lane.held.discard(item.id)
         lane.fresh = True  # the next due time may have moved closer
         lane.signal.set()
+
+    async def _dead(self, lane: _Lane, item: OutboxItem, why: str, attempts: int) -> None:
+        await self._store.mark_dead(item.id, why)
+        self._count(lane.name, "dead")
+        log.warning(
+            "%s: delivery %s is a dead letter: %s",
+            lane.name,
+            item.id,
+            why,
+            extra=self._fields(lane, item, attempts),
+        )
+        lane.held.discard(item.id)
 
     @staticmethod
     def _fields(lane: _Lane, item: OutboxItem, attempt: int) -> dict[str, Any]:

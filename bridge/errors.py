@@ -6,7 +6,8 @@
     │                          (unreachable, timeout, auth_failed, not_a_task_api, bad_payload,
     │                          server_error, rate_limited)
     ├── DeliveryError          a target refused or failed; `retryable` says whether to try again,
-    │                          `retry_after` (seconds) when the target asked for a pause
+    │                          `retry_after` (seconds) when the target asked for a pause,
+    │                          `deferred` when the target is fine and only wants it later
     └── StoreError             the database could not be opened or migrated
 
 Messages never carry secrets: URLs go through `redact()` before they reach an error.
@@ -48,9 +49,19 @@ class SourceError(BridgeError):
 
 
 class DeliveryError(BridgeError):
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
-        self.retryable = retryable
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        retry_after: float | None = None,
+        deferred: bool = False,
+    ) -> None:
+        self.retryable = retryable or deferred
         self.retry_after = retry_after
+        # Not a failure of the target (a chat edit coalesced with the next): it is not counted
+        # against the target's health.
+        self.deferred = deferred
         super().__init__(message)
 
 

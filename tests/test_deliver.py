@@ -4,6 +4,7 @@ Retry-After, dead letters, replay, digests, concurrency, rate limits and drainin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -276,11 +277,18 @@ def test_token_bucket() -> None:
     assert bucket.reserve() == 0.0
 
 
-def test_backoff_is_full_jitter_with_a_cap() -> None:
-    samples = [backoff(3, base=1.0, cap=600.0) for _ in range(500)]
-    assert all(0.0 <= s <= 8.0 for s in samples)
-    assert max(samples) > 4.0  # spread over the whole window, not clustered
-    assert all(0.0 <= backoff(50, base=1.0, cap=600.0) <= 600.0 for _ in range(100))
+@pytest.mark.parametrize(
+    ("failures", "low", "high"),
+    [(1, 2.5, 5.0), (2, 5.0, 10.0), (4, 20.0, 40.0), (7, 150.0, 300.0), (500, 150.0, 300.0)],
+    ids=["first", "second", "fourth", "capped", "far-past-the-cap"],
+)
+def test_backoff_doubles_from_the_first_wait_to_the_cap_with_jitter(
+    failures: int, low: float, high: float
+) -> None:
+    # The documented schedule (docs/delivery.md) with the defaults: backoff 5s, backoff_cap 5m.
+    samples = [backoff(failures, 5.0, 300.0) for _ in range(500)]
+    assert all(low <= s <= high for s in samples)
+    assert max(samples) - min(samples) > (high - low) / 2  # spread, not in lockstep
 
 
 def test_units_group_digests_and_keep_order() -> None:
@@ -390,3 +398,37 @@ async def test_send_test_command(rx: Receiver, capsys: pytest.CaptureFixture[str
     assert "HTTP 403" in err
     assert "would not retry" in err
     assert "topsecret-value" not in err
+
+
+async def test_a_receiver_down_for_150s_loses_nothing_and_is_probed_one_at_a_time(
+    store: Store, session: aiohttp.ClientSession, rx: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default schedule (5s doubling to 5m) tries about six times in 150 s; here the
+    receiver refuses twelve tries, on a schedule shortened through the target's own config."""
+    events = await commit(store, *range(40))
+    refused = 12
+    rx.respond(*[Reply(503, delay=0.02)] * refused)
+    config = hook_config(rx, backoff="20ms", backoff_cap="100ms", concurrency=4)
+    deliverer = Deliverer(
+        store, {"hook": build_target("hook", config, session)}, {"hook": config}, idle=0.2
+    )
+    caplog.set_level("DEBUG", logger="bridge.deliver")
+    task = asyncio.create_task(deliverer.run())
+    try:
+        await rx.wait_for(40 + refused, within=30)
+        await settled(store)
+    finally:
+        await deliverer.drain(2.0)
+        await task
+    assert await store.dead_letters() == []
+    ok = rx.requests[refused:]
+    assert sorted({r.headers["webhook-id"] for r in ok}) == sorted(e.id for e in events)
+    # At most `concurrency` were in flight when it started failing; after those, one at a time:
+    # each try went out only once the one before it was answered.
+    probes = rx.requests[4:refused]
+    assert all(b.at - a.at >= 0.02 for a, b in itertools.pairwise(probes))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "is failing (hook: HTTP 503)" in warnings[0]
+    assert "accepts deliveries again" in warnings[1]
+    assert any(r.levelname == "DEBUG" and "retry" in r.getMessage() for r in caplog.records)

@@ -116,7 +116,11 @@ class SourceConfig(Strict):
 
 class TargetCommon(Strict):
     timeout: Duration = 10.0
-    max_attempts: int = Field(default=8, ge=1)
+    # Retries (docs/delivery.md): the first wait after a failure, doubling up to `backoff_cap`,
+    # jittered; a delivery is retried until `max_age` (or `max_attempts`, when set).
+    backoff: Duration = 5.0
+    backoff_cap: Duration = 300.0
+    max_attempts: int | None = Field(default=None, ge=1)
     max_age: Duration = 86400.0
     rate_limit: Rate | None = None
     concurrency: int = Field(default=4, ge=1, le=64)

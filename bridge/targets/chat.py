@@ -292,7 +292,8 @@ class ChatTarget:
             if ref is not None:
                 wait = ref.at + self._config.min_edit_interval - time.time()
                 # A deferral counts as an attempt in the outbox: never let it use up the last.
-                if wait > 0 and item.attempts + 2 < self._config.max_attempts:
+                limit = self._config.max_attempts
+                if wait > 0 and (limit is None or item.attempts + 2 < limit):
                     self._remember(self._waiting, key, rank)
                     raise DeliveryError(
                         f"{self.name}: coalesced: task {item.event.subject} was updated "
@@ -300,6 +301,7 @@ class ChatTarget:
                         "unless a newer state comes first",
                         retryable=True,
                         retry_after=wait,
+                        deferred=True,
                     )
         view = view_of(item)
         image = None
