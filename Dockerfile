@@ -17,7 +17,8 @@ RUN pip install . \
     && chown bridge:bridge /data
 
 # The state database lives on the volume; the rules file is mounted read-only at /config.
-# server.listen in that file must be ":8787" (every interface) for the published port to reach it.
+# server.listen in that file must be ":8787" (every interface) for the published port to reach it,
+# which needs server.auth (docs/security.md).
 ENV BRIDGE_DB=/data/bridge.db \
     BRIDGE_CONFIG=/config/rules.yaml \
     BRIDGE_HEALTHCHECK_URL=http://127.0.0.1:8787/healthz

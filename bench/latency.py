@@ -24,7 +24,6 @@ from bench.receiver import ReceiverProcess
 from bridge.app import Bridge
 from bridge.config import Config
 from bridge.models import Event
-from bridge.server import server_url
 from bridge.simulator import Simulator
 
 API_KEY = "bench-key"
@@ -187,7 +186,7 @@ async def through_bridge(
             async with running(bridge), contextlib.AsyncExitStack() as stack:
                 watchers = [seen]
                 if push:
-                    url = server_url(bridge)
+                    url = bridge.url
                     if url is None:
                         raise RuntimeError("the bridge's server is not listening")
                     for i, sim in enumerate(sims):

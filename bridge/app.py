@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from bridge.config import Config, ConfigWatcher
-from bridge.deliver import Deliverer
+from bridge.deliver import Deliverer, TargetHealth
 from bridge.errors import BridgeError, ConfigError
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
@@ -25,6 +25,7 @@ from bridge.metrics import Metrics
 from bridge.models import Event
 from bridge.retention import prune_forever
 from bridge.rules import Router
+from bridge.server import serve
 from bridge.sources.poll import PollingSource
 from bridge.store import Store
 from bridge.targets import build_target, close_targets
@@ -50,6 +51,18 @@ class Running:
     pipeline: Pipeline
     watchers: dict[str, Watcher]
     deliverer: Deliverer
+    session: aiohttp.ClientSession
+
+    @property
+    def sources(self) -> Mapping[str, Watcher]:
+        return self.watchers
+
+    @property
+    def targets(self) -> Mapping[str, TargetHealth]:
+        return self.deliverer.health
+
+    def wake(self) -> None:
+        self.deliverer.wake()
 
 
 @dataclass
@@ -61,11 +74,16 @@ class Bridge:
     on_event: list[Callable[[Event], None]] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     running: Running | None = None
-    server_url: str | None = None  # set by bridge.server while it listens
+    url: str | None = None  # the server's public URL while it listens
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     _router: Router | None = None
+
+    @property
+    def live(self) -> Running | None:
+        """What runs now, for the HTTP edge (None between two configurations)."""
+        return self.running
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,7 +151,7 @@ class Bridge:
             s.name: Watcher(s, PollingSource(s, session), pipeline, metrics=self.metrics)
             for s in config.sources
         }
-        self.running = Running(config, store, pipeline, watchers, deliverer)
+        self.running = Running(config, store, pipeline, watchers, deliverer, session)
         log.info(
             "running: sources %s; targets %s; rules %s; listen %s",
             ", ".join(f"{s.name} ({s.base_url})" for s in config.sources) or "none",
@@ -145,10 +163,9 @@ class Bridge:
             # Last out: a broker target's connection closes after the deliverer has drained.
             stack.push_async_callback(close_targets, list(targets.values()))
             if config.server is not None:
-                from bridge.server import serve
-
                 try:
-                    await stack.enter_async_context(serve(self, config.server.listen))
+                    self.url = await stack.enter_async_context(serve(self, config.server))
+                    stack.callback(setattr, self, "url", None)
                 except OSError as exc:  # the port is taken, the host does not resolve
                     reason = exc.strerror or str(exc)
                     raise _ListenFailed(

@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
         "ids", nargs="*", metavar="ID", help="dead letter ids, as bridge dlq list shows them"
     )
     replay.add_argument("--all", action="store_true", help="replay every dead letter")
+
+    sub.add_parser(
+        "hash-password",
+        help="hash a password for server.auth.users",
+        description="Reads a password (asked twice on a terminal, else one line of stdin) and "
+        "prints its scrypt hash for server.auth.users in rules.yaml.",
+    )
     return parser
 
 
@@ -258,10 +265,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             config = load_config(args.config)
             return asyncio.run(send_test_command(config, args.target))
         case "track":
-            from bridge.passthrough import track_command
+            from bridge.commands import track_command
 
             config = load_config(args.config)
             return asyncio.run(track_command(config, args.db, args.source, args.ids))
+        case "hash-password":
+            from bridge.commands import hash_password_command
+
+            return hash_password_command()
         case "dlq":
             from bridge.dlq import dlq_command
 

@@ -168,6 +168,15 @@ class Watcher:
     def unfinished(self) -> list[str]:
         return list(self._open)
 
+    @property
+    def failing(self) -> bool:
+        """The last poll failed (not yet long enough for source.down)."""
+        return bool(self.health.failures)
+
+    async def fetch(self, task_id: str) -> dict[str, Any] | None:
+        """The task as the upstream serves it now (a push is checked this way); SourceError."""
+        return await self.source.fetch(task_id)
+
     def _record(self, changed: Mapping[str, TaskState]) -> None:
         """Take the states a commit wrote; the unfinished index follows without a full scan."""
         self.states.update(changed)

@@ -13,7 +13,6 @@ from typing import Any
 
 from bridge.app import Bridge, Running
 from bridge.config import Config
-from bridge.server import server_url
 
 PUSH_TOKEN = "push-token-123"
 SIM_KEY = "sim-key-456"
@@ -71,7 +70,7 @@ async def running_bridge(config: Config, db: Path) -> AsyncIterator[Harness]:
             await task  # run() ended first: raise what it raised
             raise AssertionError("bridge.run() returned before starting")
         running = started.result()
-        url = server_url(bridge)
+        url = bridge.url
         assert url is not None, "the server is not bound"
         await eventually(lambda: all(w.status.polls for w in running.watchers.values()))
         yield Harness(bridge, running, url)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import Bridge
+from bridge.commands import track_command
 from bridge.config import Config, ServerConfig, WebhookTargetConfig
-from bridge.passthrough import track_command
 from bridge.simulator import Simulator
 from tests import pg
 from tests.receiver import Receiver
@@ -104,7 +104,7 @@ async def _reload_to(taken: socket.socket, tmp_path: Path) -> None:
                 good.model_copy(update={"server": ServerConfig(listen=f"127.0.0.1:{port}")})
             )
             await until(lambda: bridge.config is good and bridge.running is not None)
-            await until(lambda: bridge.server_url is not None)
+            await until(lambda: bridge.url is not None)
             tid = sim.add_task("still watched")
             await until(lambda: any(e["subject"] == tid for e in events(receiver)), sim)
 

@@ -316,9 +316,42 @@ def test_error_points_at_node(
 
 @pytest.mark.parametrize("listen", [":8787", "0.0.0.0:8787", "[::]:8787", "127.0.0.1:0"])
 def test_listen_on_every_interface(tmp_path: Path, listen: str) -> None:
-    config = load_config(write(tmp_path, f"server:\n  listen: '{listen}'\n"), {})
+    text = f"server:\n  listen: '{listen}'\n  auth: {{token: a-long-enough-token}}\n"
+    config = load_config(write(tmp_path, text), {})
     assert config.server is not None
     assert config.server.listen == listen
+
+
+@pytest.mark.parametrize("listen", [":8787", "0.0.0.0:8787", "[::]:8787", "192.168.1.5:8787"])
+def test_listening_beyond_loopback_without_auth_is_refused(tmp_path: Path, listen: str) -> None:
+    path = write(tmp_path, f"server:\n  listen: '{listen}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert f"{path}:2:3: server: server.listen {listen} reaches beyond this machine" in str(
+        caught.value
+    )
+    assert "insecure: true" in str(caught.value)
+    # The operator may say so, and is told in the log at start (test_server_edge.py).
+    insecure = load_config(write(tmp_path, f"server:\n  listen: '{listen}'\n  insecure: true\n"))
+    assert insecure.server is not None
+    assert insecure.server.insecure
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ("{}", "give a token, users, or both"),
+        ("{token: short}", "at least 16 characters"),
+        ("{users: {ann: plaintext}}", "not a password hash"),
+    ],
+    ids=["empty", "short-token", "plain-password"],
+)
+def test_server_auth_is_checked(tmp_path: Path, auth: str, message: str) -> None:
+    path = write(tmp_path, f"server:\n  listen: ':8787'\n  auth: {auth}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert message in str(caught.value)
+    assert "plaintext" not in str(caught.value)
 
 
 def test_what_rules_may_name_and_cancel(tmp_path: Path) -> None:
@@ -458,6 +491,8 @@ def test_the_documented_schema_loads(tmp_path: Path) -> None:
         "PIPELINE_SECRET": ENV["PIPELINE_SECRET"],
         "DISCORD_WEBHOOK": "https://discord.com/api/webhooks/1/abc",
         "SLACK_BOT_TOKEN": "xoxb-1",
+        "BRIDGE_TOKEN": "an-operator-token-of-length",
+        "CLIENT_TOKEN": "a-client-token-of-some-length",
     }
     config = load_config(write(tmp_path, block), env)
     documented = set(re.findall(r"^\s*(?:#\s*|-\s+)?([a-z_]+):", block, re.MULTILINE))

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from bridge.app import Bridge
+from bridge.commands import track_command
 from bridge.config import Config
 from bridge.models import Event
-from bridge.passthrough import SOURCE_HEADER, add_routes, track_command
-from bridge.server import build_app
+from bridge.server.passthrough import SOURCE_HEADER
 from bridge.simulator import Simulator
 from bridge.store import Store
 
@@ -42,6 +41,7 @@ def make_config(sims: dict[str, Simulator], **source: Any) -> Config:
                 }
                 for name, sim in sims.items()
             ],
+            "server": {"listen": "127.0.0.1:0"},
         }
     )
 
@@ -50,22 +50,15 @@ def make_config(sims: dict[str, Simulator], **source: Any) -> Config:
 async def bridge_with_server(
     config: Config, db: Path
 ) -> AsyncIterator[tuple[Bridge, str, list[Event]]]:
-    """The bridge running, and its HTTP app (hooks and pass-through) on a free port."""
+    """The bridge running, with its server (hooks and pass-through) on a free port."""
     events: list[Event] = []
     bridge = Bridge(config, str(db), on_event=[events.append])
     task = asyncio.create_task(bridge.run())
     await bridge.wait_started()
-    app = build_app(bridge)
-    add_routes(app, bridge)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    assert bridge.url is not None
     try:
-        yield bridge, url, events
+        yield bridge, bridge.url, events
     finally:
-        await runner.cleanup()
         bridge.stop()
         await asyncio.wait_for(task, 15)
 
@@ -87,7 +80,7 @@ async def test_new_api_submit_through_the_bridge_is_followed(tmp_path: Path) -> 
         bridge_with_server(make_config({"relay": sim}), tmp_path / "b.db") as (bridge, url, events),
         aiohttp.ClientSession() as client,
     ):
-        # The client's own auth goes through; a wrong key is the upstream's to refuse.
+        # A caller without the source's key is refused by the bridge itself.
         async with client.post(
             url + "/mj/submit/imagine", json={"prompt": "x"}, headers={"Authorization": "Bad"}
         ) as resp:
@@ -128,7 +121,10 @@ async def test_midjourney_proxy_pushes_to_the_bridge_hook(tmp_path: Path) -> Non
                 tid = (await resp.json())["result"]
             task = sim.task(tid)
             assert task is not None
-            assert task["properties"]["notifyHook"] == f"{url}/hooks/mj?token=tok-123"
+            # A hook for this one task: never the source's push_token.
+            hook = task["properties"]["notifyHook"]
+            assert hook.startswith(f"{url}/hooks/mj?task=")
+            assert "tok-123" not in hook
             # Polls are an hour apart: only the pushes can bring these.
             await until(lambda: (tid, "task.succeeded") in got(events), sim)
             assert all(code == 200 for _, _, code in sim.notifications)

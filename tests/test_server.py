@@ -15,7 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from bridge.server import MAX_BODY, parse_listen
+from bridge.config import Listen
+from bridge.server.push import MAX_BODY
 from bridge.simulator import Simulator
 from tests.conftest_browser import (
     PUSH_TOKEN,
@@ -261,13 +262,14 @@ async def test_readyz_follows_the_sources(
     ids=["host", "any", "zero", "ipv6"],
 )
 def test_parse_listen(listen: str, expected: tuple[str | None, int]) -> None:
-    assert parse_listen(listen) == expected
+    parsed = Listen.parse(listen)
+    assert (parsed.host, parsed.port) == expected
 
 
 @pytest.mark.parametrize("listen", ["8787", "host:", "host:http", "h:70000"])
 def test_parse_listen_refuses(listen: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_listen(listen)
+        Listen.parse(listen)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

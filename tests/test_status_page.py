@@ -196,10 +196,13 @@ async def test_replay_refuses_cross_site_posts(
         async with page.get(harness.url + "/") as resp:
             assert resp.status == 200
             html = await resp.text()
-            token = resp.cookies["bridge_csrf"].value
             assert "SameSite=Strict" in resp.headers["Set-Cookie"]
-        assert [c.key for c in jar] == ["bridge_csrf"]
-        assert f'value="{token}"' in html
+        assert [c.key for c in jar] == ["bridge_session"]
+        # The CSRF token is the session's own, not the cookie (which scripts cannot read).
+        found = re.search(r'name="csrf" value="([^"]+)"', html)
+        assert found is not None
+        token = found[1]
+        assert token != next(iter(jar)).value
         data = {"all": "1"}
         if form != "none":
             data["csrf"] = token if form == "good" else "x" * len(token)

@@ -3,7 +3,9 @@ durations and rates (`schema`); `load_config` reports every problem at once as F
 (`load`); `ConfigWatcher` swaps in a new file only after it validates (`reload`).
 """
 
+from bridge.config.listen import Listen, is_loopback
 from bridge.config.load import check, load_config
+from bridge.config.passwords import check_password, hash_password
 from bridge.config.reload import ConfigWatcher, watch_config
 from bridge.config.schema import (
     AmqpTargetConfig,
@@ -17,7 +19,9 @@ from bridge.config.schema import (
     MqttTargetConfig,
     NatsTargetConfig,
     RedisTargetConfig,
+    PassthroughConfig,
     RuleConfig,
+    ServerAuthConfig,
     ServerConfig,
     SlackTargetConfig,
     SourceConfig,
@@ -43,9 +47,12 @@ __all__ = [
     "GroupConfig",
     "MqttTargetConfig",
     "NatsTargetConfig",
+    "Listen",
+    "PassthroughConfig",
     "Problem",
     "RedisTargetConfig",
     "RuleConfig",
+    "ServerAuthConfig",
     "ServerConfig",
     "SlackTargetConfig",
     "SourceConfig",
@@ -53,6 +60,9 @@ __all__ = [
     "TargetConfig",
     "WebhookTargetConfig",
     "check",
+    "check_password",
+    "hash_password",
+    "is_loopback",
     "load_config",
     "parse_duration",
     "parse_rate",

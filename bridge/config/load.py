@@ -33,7 +33,9 @@ from bridge.config.schema import (
     MqttTargetConfig,
     NatsTargetConfig,
     RedisTargetConfig,
+    PassthroughConfig,
     RuleConfig,
+    ServerAuthConfig,
     ServerConfig,
     SlackTargetConfig,
     SourceConfig,
@@ -201,6 +203,10 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
             return GroupConfig
         case ("server",):
             return ServerConfig
+        case ("server", "auth"):
+            return ServerAuthConfig
+        case ("server", "passthrough"):
+            return PassthroughConfig
     return None
 
 
@@ -407,26 +413,10 @@ def _template_problem(doc: _Document, loc: Loc, failure: tuple[int, str]) -> Non
     doc.add(node, text)
 
 
-def _check_server(doc: _Document, raw: dict[str, Any]) -> None:
-    server = raw.get("server")
-    listen = server.get("listen") if isinstance(server, dict) else None
-    if not isinstance(listen, str):
-        return
-    host, sep, port = listen.strip().rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
-    if not (sep and port.isdigit() and int(port) <= 65535) or (
-        # an IPv6 host is written in brackets, so its colons are not the port's
-        not bracketed and any(c in host for c in ":[]")
-    ):
-        doc.add(doc.at(("server", "listen")), "server.listen: expected HOST:PORT, or :PORT for "
-                "every interface, such as 127.0.0.1:8787, :8787 or [::]:8787")  # fmt: skip
-
-
 def _cross_check(doc: _Document, raw: dict[str, Any]) -> None:
     _check_unique(doc, raw, "sources")
     _check_unique(doc, raw, "rules")
     _check_targets(doc, raw)
-    _check_server(doc, raw)
     source_list = raw.get("sources")
     sources = [
         s["name"]

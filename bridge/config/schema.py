@@ -16,7 +16,11 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
+
+from bridge.config.listen import Listen, is_loopback
+from bridge.config.passwords import password_problem
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -107,6 +111,8 @@ class SourceConfig(Strict):
     mode: Literal["auto", "list", "active", "ids"] = "auto"
     full_every: Duration = 600.0
     enrich: list[Literal["seed"]] = Field(default_factory=list)
+    # Its tasks' imageUrls may point at loopback/private addresses (a local simulator, a LAN relay).
+    allow_private_images: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -130,6 +136,8 @@ class AppriseTargetConfig(TargetCommon):
     kind: Literal["apprise"] = "apprise"
     url: str
     attach_image: bool = False
+    max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
+    allow_private_images: bool = False  # fetch images from loopback/private/link-local addresses
 
 
 class WebhookTargetConfig(TargetCommon):
@@ -164,6 +172,7 @@ class ChatTargetCommon(TargetCommon):
     min_edit_interval: Duration = 2.0  # at most one edit of a task's message this often
     attach_image: bool = False  # download the final image and upload it with the message
     max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)  # 8MiB; larger images are linked
+    allow_private_images: bool = False  # fetch images from loopback/private/link-local addresses
 
 
 class DiscordTargetConfig(ChatTargetCommon):
@@ -413,8 +422,64 @@ class RuleConfig(Strict):
     cancel: bool = False
 
 
+class ServerAuthConfig(Strict):
+    """Who may use the operator surfaces (status page, replay, JSON APIs, /metrics if asked)."""
+
+    token: str | None = Field(default=None, min_length=16)  # `Authorization: Bearer TOKEN`
+    users: dict[str, str] = Field(default_factory=dict)  # name: hash from `bridge hash-password`
+    metrics: bool = False  # /metrics asks for the token (or a user's session) too
+
+    @field_validator("users")
+    @classmethod
+    def _hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, hashed in value.items():
+            if problem := password_problem(hashed):
+                raise ValueError(f"user {name!r}: {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> ServerAuthConfig:
+        if not self.token and not self.users:
+            raise ValueError("give a token, users, or both")
+        return self
+
+
+class PassthroughConfig(Strict):
+    """The `/mj/...` pass-through: who may call it and how much it carries."""
+
+    # Client credentials besides the source's own api_key (sent as that source's auth scheme,
+    # or `Authorization: Bearer TOKEN`); the bridge then calls the upstream with its own key.
+    tokens: list[Annotated[str, Field(min_length=16)]] = Field(default_factory=list)
+    max_body: ByteSize = ByteSize(64 * 1024 * 1024)  # a submit with base64 images
+    max_answer: ByteSize = ByteSize(64 * 1024 * 1024)  # an upstream answer, streamed
+    concurrency: int = Field(default=8, ge=1, le=256)  # calls in flight; more wait
+
+
 class ServerConfig(Strict):
-    listen: str = "127.0.0.1:8787"
+    listen: Listen = Listen.parse("127.0.0.1:8787")
+    # The bridge's address as upstreams and browsers reach it: where notifyHooks point and the
+    # one Host name (besides IP literals and localhost) the server answers. Default: the bound URL.
+    public_url: str | None = None
+    insecure: bool = False  # listen beyond loopback without `auth` (say why in a comment)
+    auth: ServerAuthConfig | None = None
+    passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
+    max_connections: int = Field(default=256, ge=1)
+    header_timeout: Duration = 10.0  # a request head (and an idle keep-alive connection)
+    body_timeout: Duration = 30.0  # reading a request body
+
+    _public = field_validator("public_url")(lambda v: None if v is None else _api_base(v))
+
+    @model_validator(mode="after")
+    def _protected(self) -> ServerConfig:
+        if self.auth is None and not self.insecure and not is_loopback(self.listen.host):
+            raise ValueError(
+                f"server.listen {self.listen} reaches beyond this machine, and there is no "
+                "server.auth: anyone on the network could read the status page and replay. "
+                "Add server.auth (a token or users), listen on 127.0.0.1, or say insecure: true"
+            )
+        if self.header_timeout <= 0 or self.body_timeout <= 0:
+            raise ValueError("header_timeout and body_timeout must be above 0")
+        return self
 
 
 class Config(Strict):
@@ -434,11 +499,16 @@ class Config(Strict):
         found: list[str] = []
         for s in self.sources:
             found += [v for v in (s.api_key, s.push_token) if v]
+        if self.server is not None:
+            found += self.server.passthrough.tokens
+            if self.server.auth is not None and self.server.auth.token:
+                found.append(self.server.auth.token)
         for t in self.targets.values():
             match t:
                 case AppriseTargetConfig(url=url):
-                    found.append(url)
-                case WebhookTargetConfig(secret=secret, headers=headers):
+                    found += [url, *_url_tail(url)]
+                case WebhookTargetConfig(webhook=webhook, secret=secret, headers=headers):
+                    found += [webhook, *_url_tail(webhook)]
                     found += [v for v in (secret, *headers.values()) if v]
                 case DiscordTargetConfig():
                     found += [t.discord, t.webhook_token]
@@ -447,6 +517,18 @@ class Config(Strict):
                 case BrokerTargetCommon():
                     found += [v for v in (t.password(),) if v]
         return found
+
+
+def _url_tail(url: str) -> list[str]:
+    """The path and query of a webhook or apprise URL: where such URLs keep their tokens, so they
+    count as secrets wherever they appear (a library's log line shows them without the host).
+    Short tails (`/hook`) carry no token and would only blot out ordinary words."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    return [t for t in (tail, parts.query) if len(t) >= 8]
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -1,0 +1,63 @@
+"""Health for process managers and load balancers (`/healthz`, `/readyz`: always open, they say
+nothing secret) and Prometheus `/metrics` (behind server.auth when `auth.metrics` says so)."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bridge.server.auth import operator
+from bridge.server.edge import EDGE, SERVED, json_answer, live_of
+
+READY_INTERVALS = 3  # /readyz: every source answered within this many poll intervals
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when every source's last good poll is within 3 poll intervals."""
+    live = live_of(request)
+    now = time.time()
+    sources: dict[str, str] = {}
+    ready = True
+    for name, handle in live.sources.items():
+        limit = READY_INTERVALS * handle.config.poll_interval
+        last_ok = handle.status.last_ok
+        if not handle.leading:
+            sources[name] = "polled by another replica"  # it holds the source's lease
+        elif last_ok is None:
+            sources[name], ready = "no successful poll yet", False
+        elif now - last_ok > limit:
+            sources[name], ready = (
+                f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)",
+                False,
+            )
+        else:
+            sources[name] = f"ok (last poll {now - last_ok:.1f}s ago)"
+    return json_answer({"ready": ready, "sources": sources}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    metrics = request.app[EDGE].metrics
+    live = live_of(request)
+    depth = await live.store.outbox_depth()
+    dead = await live.store.dead_count()
+    metrics.set_outbox(depth, dead, sorted({*live.config.targets, *depth, *dead}))
+    for name, handle in live.sources.items():
+        metrics.source_up.labels(name).set(1 if handle.status.up else 0)
+    metrics.set_targets(live.targets)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_guarded_metrics = operator(_metrics)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    auth = request.app[SERVED].config.auth
+    if auth is not None and auth.metrics:
+        return await _guarded_metrics(request)
+    return await _metrics(request)
