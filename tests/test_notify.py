@@ -292,3 +292,36 @@ async def test_through_the_deliverer_with_retries(rx: Receiver, tmp_path: Any) -
     titles = sorted(r.json()["title"] for r in rx.requests)
     assert len(set(titles)) == 6
     assert deliverer.counts[("chat", "retry")] == 1
+
+
+LINES = ["IMAGINE failed for task 17", "prompt: a cat <b>on</b> a mat", "reason: banned & blocked"]
+
+
+@pytest.mark.parametrize("fmt", [None, "text"], ids=["default", "text"])
+async def test_mail_keeps_every_line_of_a_text_body(smtp: SMTPReceiver, fmt: str | None) -> None:
+    url = (
+        f"mailto://127.0.0.1:{smtp.port}?to=oncall@example.com&from=bridge@example.com"
+        "&mode=insecure&user=mailer&pass=pw"
+    )
+    options = {} if fmt is None else {"format": fmt}
+    await apprise_target(url, **options).send(item(title="failed", body="\n".join(LINES)))
+    [msg] = await smtp.wait_for(1)
+    plain = msg.get_body(preferencelist=("plain",))
+    html = msg.get_body(preferencelist=("html",))
+    parts = [p.get_content() for p in (plain, html) if p is not None]
+    assert parts
+    for part in parts:
+        text = part.replace("<br/>", "\n").replace("<br>", "\n").replace("&lt;", "<")
+        text = text.replace("&gt;", ">").replace("&amp;", "&")
+        got = [line.strip() for line in text.splitlines()]
+        for line in LINES:
+            assert line in got, (line, part)
+
+
+async def test_markdown_format_is_rendered_for_html_mail(smtp: SMTPReceiver) -> None:
+    url = f"mailto://127.0.0.1:{smtp.port}?to=o@example.com&from=b@example.com&mode=insecure"
+    await apprise_target(url, format="markdown").send(item(title="t", body="**done**\n\nnext"))
+    [msg] = await smtp.wait_for(1)
+    html = msg.get_body(preferencelist=("html",))
+    assert html is not None
+    assert "<strong>done</strong>" in html.get_content()

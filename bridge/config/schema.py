@@ -138,6 +138,9 @@ class AppriseTargetConfig(TargetCommon):
     attach_image: bool = False
     max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     allow_private_images: bool = False  # fetch images from loopback/private/link-local addresses
+    # What the rule's title and body are written in; apprise converts it for the service
+    # (text becomes HTML with line breaks for mail, for instance).
+    format: Literal["text", "markdown", "html"] = "text"
 
 
 class WebhookTargetConfig(TargetCommon):

@@ -80,6 +80,9 @@ class AppriseTarget:
                 service.request_rate_per_sec = 0
             self._service = service
         self._threads = asyncio.BoundedSemaphore(config.concurrency)
+        # Without it apprise takes the body as already in the service's format: a text body in
+        # an HTML mail loses every line break.
+        self._format = apprise.NotifyFormat(config.format)
 
     @property
     def supports_attachments(self) -> bool:
@@ -127,7 +130,11 @@ class AppriseTarget:
         if _APPRISE_LOG.getEffectiveLevel() > logging.WARNING:
             _APPRISE_LOG.setLevel(logging.WARNING)
         result = self._apprise.notify(
-            body=body or title, title=title, attach=attach, log_level=logging.WARNING
+            body=body or title,
+            title=title,
+            attach=attach,
+            body_format=self._format,
+            log_level=logging.WARNING,
         )
         if result:
             return True, ""
