@@ -186,13 +186,17 @@ class Deliverer:
         self._running, self._stopping, self._lanes_done = True, False, False
         self._done.clear()
         try:
+            # Only the process that delivers takes back what a gone process left claimed.
+            await self._store.recover()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._acker())
+                keeper = tg.create_task(self._store.keep_claims())
                 try:
                     async with asyncio.TaskGroup() as lanes:
                         for lane in self._lanes:
                             lanes.create_task(self._lane(lane))
                 finally:
+                    keeper.cancel()
                     self._lanes_done = True
                     self._ack_signal.set()
                     self._ack_full.set()

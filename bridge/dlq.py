@@ -16,7 +16,7 @@ import aiohttp
 from bridge.config import Config, TargetConfig
 from bridge.errors import DeliveryError, Redactor, redact
 from bridge.models import Event, event_id
-from bridge.store import OutboxItem, Store
+from bridge.store import OutboxItem, Store, is_postgres
 from bridge.targets import build_target, close_targets
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -127,7 +127,7 @@ async def send_test_command(config: Config, target: str) -> int:
 
 async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool) -> int:
     """`bridge dlq list` and `bridge dlq replay ID... | --all`."""
-    if not await asyncio.to_thread(Path(db).exists):
+    if not is_postgres(db) and not await asyncio.to_thread(Path(db).exists):
         print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
         return EXIT_USAGE
     if action == "replay" and not ids and not replay_all:
@@ -137,7 +137,8 @@ async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool
     if action == "replay" and ids and replay_all:
         print("bridge: dlq replay takes dead letter IDs or --all, not both", file=sys.stderr)
         return EXIT_USAGE
-    async with await Store.open(db) as store:
+    # `list` only looks: it opens the store read-only, and nothing else in it changes either way.
+    async with await Store.open(db, readonly=action == "list") as store:
         if action == "list":
             dead = await store.dead_letters(LIST_LIMIT)
             print(format_dead_letters(dead))

@@ -3,8 +3,11 @@ claims, retries, dead letters and replay, migrations and crash recovery of in-fl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -173,26 +176,71 @@ async def test_replay_all(store: Store) -> None:
     assert await store.outbox_depth() == {"hook": 3}
 
 
-async def test_a_sqlite_file_is_one_process_so_open_frees_leases(tmp_path: Path) -> None:
-    path = str(tmp_path / "b.db")
-    async with await Store.open(path) as store:
-        assert not store.shared
-        assert await store.try_lease("source:mj", store.holder, 60)
-    # killed without releasing: the next process on the file need not wait for the expiry
-    async with await Store.open(path) as store:
-        assert await store.try_lease("source:mj", store.holder, 60)
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_opening_the_store_for_a_command_changes_nothing(
+    backend: str, tmp_path: Path
+) -> None:
+    """`bridge dlq list`, `track` or a second `bridge run` open the store beside a live bridge:
+    its claims stay in flight and its lease stays its own."""
+    url = str(tmp_path / "b.db")
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "postgres":
+            url = await stack.enter_async_context(pg.database())
+        store = await stack.enter_async_context(await Store.open(url))
+        await _beside_a_live_store(store, url)
 
 
-async def test_inflight_rows_of_a_dead_process_go_back_to_pending(tmp_path: Path) -> None:
+async def _beside_a_live_store(store: Store, url: str) -> None:
+    event = make_event(1)
+    await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+    assert len(await store.claim("hook", time.time(), 10)) == 1
+    assert await store.try_lease("source:mj", store.holder, 60)
+    async with await Store.open(url, readonly=True) as look:
+        assert await look.outbox_depth() == {"hook": 1}
+        assert await look.dead_letters() == []
+    async with await Store.open(url) as other:
+        assert await other.recover() == 0  # the live holder's claims are not anyone's to take
+        assert await other.claim("hook", time.time() + 60, 10) == []
+        assert not await other.try_lease("source:mj", other.holder, 60)
+    lease = await store.lease("source:mj")
+    assert lease is not None
+    assert lease[0] == store.holder
+
+
+async def test_a_read_only_open_writes_nothing(tmp_path: Path) -> None:
     path = str(tmp_path / "b.db")
     async with await Store.open(path) as store:
         event = make_event(1)
         await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
-        assert len(await store.claim("hook", time.time(), 10)) == 1
-        # the process "dies" here: the row stays in flight on disk
-    async with await Store.open(path) as store:
-        [item] = await store.claim("hook", time.time(), 10)
-        assert item.attempts == 0
+    async with await Store.open(path, readonly=True) as look:
+        assert await look.outbox_depth() == {"hook": 1}
+        with pytest.raises((StoreError, sqlite3.Error), match="readonly"):
+            await look.replay(None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_claims_and_leases_of_a_gone_process_come_back_when_the_next_one_delivers(
+    backend: str, tmp_path: Path
+) -> None:
+    url = str(tmp_path / "b.db")
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "postgres":
+            url = await stack.enter_async_context(pg.database())
+        dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+        await dead.wait()  # a pid on this host that no longer runs
+        holder = f"{socket.gethostname()}:{dead.pid}:abcdef"
+        async with await Store.open(url) as store:
+            event = make_event(1)
+            await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+            store.holder = holder  # as that process claimed it and took the lease
+            assert len(await store.claim("hook", time.time(), 10)) == 1
+            assert await store.try_lease("source:mj", holder, 600)
+        async with await Store.open(url) as store:
+            assert await store.claim("hook", time.time(), 10) == []  # opening recovers nothing
+            assert await store.recover() == 1  # the deliverer's first step
+            [item] = await store.claim("hook", time.time(), 10)
+            assert item.attempts == 0
+            assert await store.lease("source:mj") is None
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -242,6 +290,7 @@ async def test_events_whose_id_hashes_collide_stay_apart(
         )
         await store.mark_retry(items[0].id, time.time() + 60, "later")
     async with await Store.open(path) as store:  # and a retry found its own row
+        assert await store.recover() == 2  # the other two, claimed by the closed store
         assert len(await store.claim("hook", time.time() + 1, 10)) == 2
         assert await store.outbox_depth() == {"hook": 3}
         await store.mark_dead(items[0].id, "gone")  # not claimed here: found by event and target

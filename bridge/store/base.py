@@ -4,6 +4,8 @@ watchers, the deliverer, the server and `bridge dlq`, and the records it hands b
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -16,9 +18,15 @@ from typing import Any, Self, TypeVar
 import orjson
 
 from bridge.diff import TaskState
+from bridge.errors import StoreError
 from bridge.models import Delivery, Event
 
 T = TypeVar("T")
+
+log = logging.getLogger("bridge.store")
+
+#: Seconds a delivery claim outlives a process that stopped renewing it (renewed every third).
+CLAIM_TIMEOUT = 30.0
 
 
 class OutboxItem:
@@ -138,9 +146,52 @@ def is_postgres(url_or_path: str) -> bool:
     return url_or_path.startswith(("postgresql://", "postgres://"))
 
 
+#: The holders of the stores open in this process (a test may open several on one file).
+_OPEN_HOLDERS: set[str] = set()
+
+
 def new_holder() -> str:
     """Who this process is, in leases and claims: host, pid and a random tail (pids repeat)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    _OPEN_HOLDERS.add(holder)
+    return holder
+
+
+def holder_gone(holder: str) -> bool:
+    """True when `holder` (host:pid:tail) surely no longer runs: it names this host and a process
+    that is not running, or this very process (pid 1 again after a container restart) but no
+    store open here. Holders on other hosts are never judged: their claims and leases expire."""
+    host, _, rest = holder.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return holder not in _OPEN_HOLDERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's live process
+        return False
+    return False
+
+
+def log_recovered(count: int, gone: Sequence[str]) -> None:
+    if count:
+        whose = ", ".join(describe_holder(h) for h in gone) or "expired claims"
+        log.warning(
+            "%d deliveries claimed by a process that is gone (%s) go back to the outbox",
+            count,
+            whose,
+        )
+
+
+def describe_holder(holder: str) -> str:
+    """A holder for people: "pid 123 on host web-1"."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return f"pid {pid} on {host}" if pid.isdigit() else holder
 
 
 def event_json(event: Event) -> bytes:
@@ -243,23 +294,28 @@ class Store(ABC):
 
     #: This process in leases and delivery claims (see bridge/lease.py).
     holder: str
-    #: True when several processes may share the store (PostgreSQL): sources need a lease.
-    shared: bool = False
+    #: Seconds a claim of this process outlives it (renewed by `keep_claims` meanwhile).
+    claim_timeout: float = CLAIM_TIMEOUT
 
     @classmethod
-    async def open(cls, url_or_path: str) -> Store:
-        """Open (creating or migrating) the store. Deliveries left in flight by a process that
-        died are handed back, so they are sent again."""
+    async def open(cls, url_or_path: str, *, readonly: bool = False) -> Store:
+        """Open (creating or migrating) the store; `readonly` for commands that only look (then
+        the schema must be current: `bridge run` upgrades it). Opening changes nothing else:
+        claims and leases are recovered only by the process that delivers (`recover`)."""
         if is_postgres(url_or_path):
             from bridge.store.postgres import PostgresStore
 
-            return await PostgresStore.open(url_or_path)
+            return await PostgresStore.open(url_or_path, readonly=readonly)
         from bridge.store.sqlite import SqliteStore
 
-        return await SqliteStore.open(url_or_path)
+        return await SqliteStore.open(url_or_path, readonly=readonly)
 
     @abstractmethod
-    async def close(self) -> None: ...
+    async def _close(self) -> None: ...
+
+    async def close(self) -> None:
+        _OPEN_HOLDERS.discard(self.holder)
+        await self._close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -342,6 +398,27 @@ class Store(ABC):
     @abstractmethod
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
+
+    @abstractmethod
+    async def renew_claims(self) -> None:
+        """Push this process's claims' expiry `claim_timeout` seconds from now."""
+
+    @abstractmethod
+    async def recover(self) -> int:
+        """Hand back the deliveries claimed by holders that are gone (`holder_gone`) or whose
+        claims expired, and drop the leases of gone holders. Only the process that delivers
+        calls this (`Deliverer.run`), never a command. Returns how many deliveries."""
+
+    async def keep_claims(self) -> None:
+        """While this process delivers: renew its claims and recover others' every third of
+        `claim_timeout`; until cancelled. A store error is logged and tried again next time."""
+        while True:
+            await asyncio.sleep(self.claim_timeout / 3)
+            try:
+                await self.renew_claims()
+                await self.recover()
+            except StoreError as exc:
+                log.warning("claims not renewed: %s; tried again soon", exc)
 
     @abstractmethod
     async def mark_sent(self, ids: Sequence[str]) -> None: ...

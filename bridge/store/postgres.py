@@ -6,7 +6,6 @@ timeout (`claimed_until`), renewed while the claiming replica lives; leases say 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -23,6 +22,7 @@ from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event
 from bridge.store.base import (
+    CLAIM_TIMEOUT,
     PRUNE_BATCH,
     OutboxItem,
     OutboxRow,
@@ -30,7 +30,9 @@ from bridge.store.base import (
     Store,
     claimed_items,
     event_json,
+    holder_gone,
     item_from_row,
+    log_recovered,
     new_holder,
 )
 from bridge.store.schema import POSTGRES_MIGRATIONS
@@ -39,7 +41,6 @@ log = logging.getLogger("bridge.store")
 
 T = TypeVar("T")
 
-CLAIM_TIMEOUT = 30.0  # seconds a claim outlives its replica (renewed every third of it)
 CONNECT_FOR = 30.0  # seconds a database that does not answer yet is tried again at start
 POOL_SIZE = 10
 RETRY_FOR = 15.0  # seconds an operation is retried while the server is unreachable
@@ -110,8 +111,6 @@ class PostgresStore(Store):
     server is briefly unreachable (each call is safe to repeat: ids make inserts idempotent).
     """
 
-    shared = True
-
     def __init__(self, pool: Any, where: str, claim_timeout: float) -> None:
         self._pool = pool
         self._where = where
@@ -119,13 +118,14 @@ class PostgresStore(Store):
         self.holder = new_holder()
         self._held: set[str] = set()  # claimed by this process, outcome not recorded yet
         self._payloads = RecentPayloads()
-        self._heartbeat: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, url_or_path: str) -> PostgresStore:
-        """Connect, apply the migrations not applied yet (one replica at a time), and start
-        renewing this process's claims. Claims of replicas that died expire on their own."""
+    async def open(cls, url_or_path: str, *, readonly: bool = False) -> PostgresStore:
+        """Connect and apply the migrations not applied yet (one replica at a time); `readonly`:
+        read-only transactions and no migrations (the schema must be current). Claims of
+        replicas that died expire on their own (see `claim`, `recover`)."""
         url, claim_timeout, connect_for = _options(url_or_path)
+        settings = {"default_transaction_read_only": "on"} if readonly else {}
         where = describe(url)
         # Replicas often start with (or before) their database: a server that is not up yet is
         # tried again for `connect_for` seconds; a refusal (bad password, no such database) is not.
@@ -144,21 +144,32 @@ class PostgresStore(Store):
             async for attempt in retrying:
                 with attempt:
                     pool = await asyncpg.create_pool(
-                        url, min_size=1, max_size=POOL_SIZE, command_timeout=60
+                        url,
+                        min_size=1,
+                        max_size=POOL_SIZE,
+                        command_timeout=60,
+                        server_settings=settings,
                     )
         except (asyncpg.PostgresError, OSError, ValueError) as exc:
             raise StoreError(f"cannot open the database {where}: {exc}") from None
         store = cls(pool, where, claim_timeout)
         try:
-            await store._migrate()
+            await store._migrate(apply=not readonly)
         except BaseException:
             await pool.close()
             raise
-        store._heartbeat = asyncio.create_task(store._renew_claims())
         return store
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, *, apply: bool) -> None:
         async def run(conn: Any) -> None:
+            if not apply:
+                version = await conn.fetchval("SELECT max(version) FROM bridge_schema")
+                if version != len(POSTGRES_MIGRATIONS):
+                    raise StoreError(
+                        f"the database {self._where} has schema version {version or 0}, not "
+                        f"{len(POSTGRES_MIGRATIONS)}; `bridge run` upgrades it at start"
+                    )
+                return
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
                 await conn.execute(
@@ -178,12 +189,7 @@ class PostgresStore(Store):
 
         await self._run(run)
 
-    async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+    async def _close(self) -> None:
         await self._pool.close()
 
     async def _run(self, call: Callable[[Any], Awaitable[T]]) -> T:
@@ -353,23 +359,38 @@ class PostgresStore(Store):
         rows = await self._fetch("SELECT id, json FROM events WHERE id = ANY($1::text[])", ids)
         return [(r[0], r[1]) for r in rows]
 
-    async def _renew_claims(self) -> None:
+    async def renew_claims(self) -> None:
         """While this process lives, its claims do not expire (however long a send takes)."""
-        while True:
-            await asyncio.sleep(self.claim_timeout / 3)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                await self._execute(
-                    f"UPDATE outbox SET claimed_until = {_NOW} + $1 WHERE id = ANY($2::text[]) "
-                    "AND state = 'inflight' AND claimed_by = $3",
-                    self.claim_timeout,
-                    held,
-                    self.holder,
-                )
-            except Exception as exc:  # the loop must outlive any one failure
-                log.warning("database %s: claims not renewed: %s", self._where, exc)
+        held = list(self._held)
+        if held:
+            await self._execute(
+                f"UPDATE outbox SET claimed_until = {_NOW} + $1 WHERE id = ANY($2::text[]) "
+                "AND state = 'inflight' AND claimed_by = $3",
+                self.claim_timeout,
+                held,
+                self.holder,
+            )
+
+    async def recover(self) -> int:
+        """Claims of holders that are gone (a restart on this host) go back to pending at once,
+        and their leases are dropped; expired claims need nothing: `claim` takes them."""
+        rows = await self._fetch(
+            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
+            "UNION SELECT holder FROM leases"
+        )
+        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
+        if not gone:
+            return 0
+        count = _count(
+            await self._execute(
+                "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
+                "WHERE state = 'inflight' AND claimed_by = ANY($1::text[])",
+                gone,
+            )
+        )
+        await self._execute("DELETE FROM leases WHERE holder = ANY($1::text[])", gone)
+        log_recovered(count, gone)
+        return count
 
     async def release(self, ids: Sequence[str]) -> None:
         ids = list(ids)

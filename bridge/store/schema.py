@@ -135,6 +135,13 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX outbox_state ON outbox (state, updated_at);
     CREATE INDEX outbox_event ON outbox (event_seq);
     """,
+    # A claim names its holder and lasts `claim_timeout` unless renewed, as PostgreSQL's do: the
+    # process that delivers hands back only the claims of holders that are gone (Store.recover),
+    # so opening the file (a command, a second `bridge run`) never takes a live bridge's claims.
+    """
+    ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+    ALTER TABLE outbox ADD COLUMN claimed_until REAL;
+    """,
 )
 
 # The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that

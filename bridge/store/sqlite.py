@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import orjson
@@ -32,7 +33,9 @@ from bridge.store.base import (
     chunks,
     claimed_items,
     event_json,
+    holder_gone,
     item_from_row,
+    log_recovered,
     new_holder,
 )
 from bridge.store.schema import SQLITE_MIGRATIONS
@@ -78,17 +81,32 @@ class SqliteStore(Store):
         self.holder = new_holder()
 
     @classmethod
-    async def open(cls, url_or_path: str) -> SqliteStore:
-        """Open (creating or migrating) the database at `path`. Deliveries left in flight and
-        leases held by a process that died are handed back: one process uses the file."""
+    async def open(cls, url_or_path: str, *, readonly: bool = False) -> SqliteStore:
+        """Open (creating or migrating) the database at `path`; `readonly`: open it read-only,
+        as it is (its schema must be current). Nothing in it changes by being opened: several
+        processes may use the file (`bridge run` and commands, or two `bridge run`)."""
         path = url_or_path
+        target, uri = path, False
+        if readonly:
+            target, uri = f"file:{quote(path)}?mode=ro", True
         try:
             # Tried with plain sqlite3 first: aiosqlite leaves its thread behind when the
             # connect itself fails, and that thread later trips over a closed event loop.
-            await asyncio.to_thread(lambda: sqlite3.connect(path).close())
-            db = await aiosqlite.connect(path, isolation_level=None)
+            await asyncio.to_thread(lambda: sqlite3.connect(target, uri=uri).close())
+            db = await aiosqlite.connect(target, isolation_level=None, uri=uri)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
+        if readonly:
+            try:
+                await db.execute("PRAGMA busy_timeout=5000")
+                store = cls(db)
+                await store._check_version(path)
+            except BaseException as exc:
+                await db.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot read the database {path}: {exc}") from exc
+                raise
+            return store
         try:
             # Before anything creates the file's first page (later it changes nothing): an event is
             # about 2 KB of JSON, and a 4 KiB page (SQLite's default) holds only one of them with
@@ -111,8 +129,6 @@ class SqliteStore(Store):
             await db.create_function("id_hash", 1, id_hash, deterministic=True)  # migrations
             store = cls(db)
             await store._migrate(path)
-            await db.execute("UPDATE outbox SET state = 'pending' WHERE state = 'inflight'")
-            await db.execute("DELETE FROM leases")
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -120,7 +136,7 @@ class SqliteStore(Store):
             raise
         return store
 
-    async def _migrate(self, path: str) -> None:
+    async def _version(self, path: str) -> int:
         async with self._db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
@@ -129,6 +145,17 @@ class SqliteStore(Store):
                 f"the database {path} has schema version {version}, newer than this bridge "
                 f"knows ({len(SQLITE_MIGRATIONS)}); upgrade the bridge"
             )
+        return version
+
+    async def _check_version(self, path: str) -> None:
+        """For a read-only open: the schema must be this bridge's."""
+        if await self._version(path) != len(SQLITE_MIGRATIONS):
+            raise StoreError(
+                f"the database {path} has an older schema; `bridge run` upgrades it at start"
+            )
+
+    async def _migrate(self, path: str) -> None:
+        version = await self._version(path)
         if version == len(SQLITE_MIGRATIONS):
             return
         if version:
@@ -152,7 +179,7 @@ class SqliteStore(Store):
         if broken:
             raise StoreError(f"the database {path} failed its foreign key check after upgrading")
 
-    async def close(self) -> None:
+    async def _close(self) -> None:
         await self._db.close()
 
     @asynccontextmanager
@@ -289,18 +316,21 @@ class SqliteStore(Store):
     # -- outbox -----------------------------------------------------------------------------
 
     async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
-        """Due pending deliveries of `target`, oldest first, marked in flight so no other worker
-        takes them. A crash leaves them in flight; `open` hands them back."""
+        """Due pending deliveries of `target`, oldest first, marked in flight by this holder so
+        no other worker (or process) takes them. A crash leaves them in flight until `recover`
+        in the next process that delivers finds their holder gone or their claim expired."""
         # One statement is one transaction and one trip to the database thread: the hot path.
         # The events' JSON comes from RecentPayloads when this process just committed them.
         sql = (
-            "UPDATE outbox SET state = 'inflight' WHERE rowid IN ("
+            "UPDATE outbox SET state = 'inflight', claimed_by = ?, claimed_until = ? "
+            "WHERE rowid IN ("
             "SELECT rowid FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
             "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, "
             "(SELECT id FROM events WHERE seq = outbox.event_seq), "
             'title, body, "group", attempts, created_at, next_at, last_error, rowid'
         )
-        rows = await self._fetch(sql, (target, now, limit))
+        until = time.time() + self.claim_timeout
+        rows = await self._fetch(sql, (self.holder, until, target, now, limit))
         self._rowids.update((r[0], r[11]) for r in rows)
         return await claimed_items(rows, self._payloads, self._event_json)
 
@@ -316,8 +346,40 @@ class SqliteStore(Store):
     async def release(self, ids: Sequence[str]) -> None:
         """Hand claimed deliveries back without counting an attempt (shutdown)."""
         await self._update_ids(
-            "UPDATE outbox SET state = 'pending' WHERE state = 'inflight' AND rowid IN", (), ids
+            "UPDATE outbox SET state = 'pending', claimed_by = NULL WHERE state = 'inflight' "
+            "AND claimed_by = ? AND rowid IN",
+            (self.holder,),
+            ids,
         )
+
+    async def renew_claims(self) -> None:
+        await self._fetch(
+            "UPDATE outbox SET claimed_until = ? WHERE state = 'inflight' AND claimed_by = ?",
+            (time.time() + self.claim_timeout, self.holder),
+        )
+
+    async def recover(self) -> int:
+        """Claims of holders that are gone or that expired (a holder stopped renewing them; or
+        claimed by a bridge before claims named their holder) go back to pending."""
+        rows = await self._fetch(
+            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
+            "UNION SELECT holder FROM leases"
+        )
+        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
+        async with self._tx():
+            async with self._db.execute(
+                "UPDATE outbox SET state = 'pending', claimed_by = NULL WHERE state = 'inflight' "
+                "AND (claimed_by IS NULL OR claimed_until IS NULL OR claimed_until < ? "
+                f"OR claimed_by IN ({_marks(len(gone))}))",
+                (time.time(), *gone),
+            ) as cur:
+                count = int(cur.rowcount)
+            if gone:
+                await self._db.execute(
+                    f"DELETE FROM leases WHERE holder IN ({_marks(len(gone))})", gone
+                )
+        log_recovered(count, gone)
+        return count
 
     async def mark_sent(self, ids: Sequence[str]) -> None:
         await self._update_ids(
