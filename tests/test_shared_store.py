@@ -4,14 +4,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from bridge.simulator import Simulator
-from tests.receiver import Receiver, Reply
+from bridge.store import Store
+from tests import pg
+from tests.receiver import Receiver, Reply, make_delivery, make_event
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = 1000
@@ -109,3 +115,62 @@ async def test_two_bridges_on_one_sqlite_file_send_nothing_twice(tmp_path: Path)
             codes = [await stop(p) for p in (first, second) if p is not None]
     print("duplicates:", doubled(rx), "codes:", codes)
     assert doubled(rx) == 0
+
+
+# -- every command that opens the store, on both backends -----------------------------------------
+
+PASSWORD = "hunter2-not-shown"
+
+
+def with_password(url: str) -> str:
+    """The test server trusts local connections: a password in the URL is accepted, and must
+    never be printed."""
+    return url.replace("postgresql://postgres@", f"postgresql://postgres:{PASSWORD}@", 1)
+
+
+async def command(*args: str) -> tuple[int, str]:
+    proc = await bridge(*args)
+    out, err = await proc.communicate()
+    text = out.decode() + err.decode()
+    assert PASSWORD not in text
+    assert proc.returncode is not None
+    return proc.returncode, text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_every_command_works_on_both_backends_and_never_shows_a_password(
+    backend: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "rules.yaml"
+    config.write_text(
+        "sources:\n  - name: mj\n    base_url: http://127.0.0.1:9\n    api_key: k\n"
+        "targets:\n  hook:\n    webhook: http://127.0.0.1:9/hook\n"
+        "rules:\n  - name: all\n    on: '*'\n    to: hook\n"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "postgres":
+            db = with_password(await stack.enter_async_context(pg.database()))
+        else:
+            db = str(tmp_path / "bridge.db")
+        async with await Store.open(db) as store:  # a bridge ran and one delivery failed for good
+            event = make_event(1)
+            await store.commit("mj", {}, [event], [make_delivery(event, "hook")])
+            [item] = await store.claim("hook", time.time(), 10)
+            await store.mark_dead(item.id, "hook: HTTP 410")
+
+        code, out = await command("dlq", "list", "--db", db)
+        assert (code, item.id in out, "HTTP 410" in out) == (0, True, True)
+        code, out = await command("dlq", "replay", item.id, "--db", db)
+        assert (code, "replayed 1 dead letter" in out) == (0, True)
+        code, out = await command("track", "-c", str(config), "--db", db, "mj", "t-1", "t-2")
+        assert (code, "2 new task id(s) stored" in out) == (0, True)
+        async with await Store.open(db, readonly=True) as store:
+            assert await store.outbox_depth() == {"hook": 1}
+            assert set(await store.load_tasks("mj")) == {"t-1", "t-2"}
+
+        if backend == "postgres":  # a database that is not there: a plain line, no password
+            missing = db.rsplit("/", 1)[0] + "/bridge_no_such_db"
+            code, out = await command("dlq", "list", "--db", missing)
+            assert code == 1
+            assert "bridge_no_such_db" in out
+            assert "Traceback" not in out
