@@ -87,6 +87,7 @@ class SourceStatus:
     polls: int = 0
     mode: str = ""  # the way of reading chosen (list | active | ids); "" until probed
     mode_reason: str = ""
+    note: str = ""  # what the way of reading allows now, e.g. a delay bound; "" when nothing
 
 
 class Watcher:
@@ -249,6 +250,7 @@ class Watcher:
         try:
             reader = await self._reader()
             snapshot = await reader.read(self.unfinished(), self.states, now)
+            self._noted(reader.note)
         except SourceError as exc:
             if self.metrics is not None:
                 self.metrics.poll(self.config.name, time.perf_counter() - started, False)
@@ -307,6 +309,16 @@ class Watcher:
             self.status.mode = reader.mode
             self.status.mode_reason = why
         return self.reader
+
+    def _noted(self, note: str) -> None:
+        """Say once, plainly, when the way of reading starts (or stops) allowing a delay."""
+        if note == self.status.note:
+            return
+        if note:
+            log.warning("%s: %s", self.config.name, note)
+        elif self.status.note:
+            log.info("%s: the list is small again: read whole each poll", self.config.name)
+        self.status.note = note
 
     def _outage(self) -> tuple[str, int, str | None]:
         return self.config.name, self.health.failures, self.health.reason

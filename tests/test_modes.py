@@ -17,7 +17,7 @@ from bridge.config import Config
 from bridge.models import Event
 from bridge.rules import Router
 from bridge.simulator import Simulator
-from bridge.sources.modes import ActiveReader
+from bridge.sources.modes import SMALL_LIST, ActiveReader
 from bridge.sources.poll import PollingSource
 from bridge.sources.probe import choose_reader
 from bridge.store import Store
@@ -332,5 +332,42 @@ async def test_auto_on_nz_reads_the_queue_and_reports_every_change(tmp_path: Pat
         # shares task.submitted with NOT_START.
         reported = [(e.task or {}).get("progress") for e in mine]
         assert reported == [p for s, p in served[:6] if s != "SUBMITTED"]
-        assert set(paths(r.sim, start)) <= {"/mj/task/queue", "/mj/task/list-by-condition"}
-        assert "/mj/task/list-by-condition" in paths(r.sim, start)  # found finished by its id
+        # 20 tasks is a small list: read whole each poll, so nothing waits for a full read.
+        assert paths(r.sim, start).count("/mj/task/list") == 7
+        assert r.watcher.status.note == ""
+
+
+@pytest.mark.parametrize("flavor", ["midjourney-proxy", "nz", "trueai"])
+async def test_with_the_defaults_a_task_that_starts_and_ends_between_two_polls_is_reported_at_the_next(
+    tmp_path: Path, flavor: str
+) -> None:
+    async with rig(tmp_path, flavor, seed=30) as r:
+        await r.poll()
+        await r.poll()
+        quick = r.sim.add_task("cat --ar 1:1:1", outcome="banned")
+        r.sim.tick(10)  # it fails before the bridge ever sees it
+        assert (r.sim.task(quick) or {})["status"] == "FAILURE"
+        r.clock.now += 5
+        assert (quick, "task.failed") in await r.poll()
+
+
+async def test_auto_on_nz_with_a_large_list_bounds_the_delay_and_says_how_push_removes_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", "bridge.watch")
+    async with rig(tmp_path, "nz", seed=SMALL_LIST + 1) as r:
+        await r.poll()
+        note = r.watcher.status.note
+        assert "501 tasks" in note
+        assert "up to 60s (full_every) late" in note
+        assert "push_token: ${MJ_PUSH_TOKEN}" in note
+        assert "mj.notify-hook: http://BRIDGE:PORT/hooks/mj?token=PUSH_TOKEN" in note
+        assert [rec.levelname for rec in caplog.records if note in rec.getMessage()] == ["WARNING"]
+        quick = r.sim.add_task("cat --ar 1:1:1", outcome="banned")
+        r.sim.tick(10)
+        start = len(r.sim.requests)
+        r.clock.now += 5
+        assert (quick, "task.failed") not in await r.poll()
+        assert "/mj/task/list" not in paths(r.sim, start)  # the queue, not the large list
+        r.clock.now += 60  # full_every, by default
+        assert (quick, "task.failed") in await r.poll()

@@ -215,3 +215,17 @@ async def test_replay_refuses_cross_site_posts(
             if status == 303:
                 assert resp.headers["Location"] == "/?replayed=1"
     assert len(await harness.running.store.dead_letters()) == (1 if status == 403 else 0)
+
+
+async def test_the_page_says_what_delay_a_large_queue_only_upstream_allows(
+    rx: Receiver, tmp_path: Path, page: Page
+) -> None:
+    from bridge.sources.modes import SMALL_LIST
+
+    async with Simulator(flavor="nz", api_key=SIM_KEY) as sim:
+        sim.seed_tasks(SMALL_LIST + 1)
+        async with running(make_config(sim.url, rx.url), tmp_path / "b.db") as harness:
+            await page.goto(harness.url + "/")
+            note = page.locator('#sources p[data-note="mj"]')
+            await expect(note).to_contain_text("up to 60s (full_every) late")
+            await expect(note).to_contain_text("mj.notify-hook: http://BRIDGE:PORT/hooks/mj")

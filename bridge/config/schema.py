@@ -109,7 +109,7 @@ class SourceConfig(Strict):
     stall_after: Duration = 600.0
     push_token: str | None = None
     mode: Literal["auto", "list", "active", "ids"] = "auto"
-    full_every: Duration = 600.0
+    full_every: Duration = 60.0
     enrich: list[Literal["seed"]] = Field(default_factory=list)
     # Its tasks' imageUrls may point at loopback/private addresses (a local simulator, a LAN relay).
     allow_private_images: bool = False

@@ -83,6 +83,7 @@ class _SourceRow:
     tracked: int
     unfinished: int
     polls: int
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ async def _page_context(live: Live, redactor: Redactor) -> dict[str, Any]:
                 tracked=status.tracked,
                 unfinished=status.unfinished,
                 polls=status.polls,
+                note=status.note,
             )
         )
     depth = await store.outbox_depth()

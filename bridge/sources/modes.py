@@ -7,6 +7,10 @@ of poll.py into one Snapshot per poll. Pipeline: **source** -> snapshot -> diff 
   unfinished tasks they lack through list-by-condition. The work per poll follows the unfinished
   tasks, not the stored ones. Snapshots in between are partial (`complete=False`); a task that
   finished between two polls is still seen because every tracked unfinished id is looked up.
+  The queue never shows a task that began and ended between two polls, so `auto` on a queue-only
+  server reads the whole list each poll while it is small (SMALL_LIST tasks, measured at the
+  probe and at each full read); above that such a task waits for the next full read, and the
+  reader's `note` says so (the log and the status page show it).
 - ids: only the tasks the bridge knows (pass-through submits, /track, push callbacks), through
   list-by-condition or, where that is missing, fetch.
 
@@ -29,11 +33,19 @@ __all__ = ["ActiveReader", "IdsReader", "ListReader", "Reader"]
 QUERY_PAGE = 100  # unfinished tasks per /mj/task/query page
 RECENT_PAGE = 20  # newest tasks per page: catches tasks that started and ended between two polls
 MAX_PAGES = 10  # pages per poll and kind; the next poll continues where this one stopped
+# A queue-only server's list is read whole each poll (mode: auto) while it holds at most this many
+# tasks: about 0.5-1 MB a read at midjourney-proxy's 1-2 KB a task.
+SMALL_LIST = 500
 
 
 class Reader(Protocol):
     mode: str
     how: str  # one line for logs: which endpoints and why
+
+    @property
+    def note(self) -> str:
+        """What a user must know about this way of reading now (a delay it allows); "" if none."""
+        ...
 
     async def read(
         self, tracked: Collection[str], known: Container[str], now: float
@@ -45,6 +57,7 @@ class ListReader:
     source: PollingSource
     how: str = "GET /mj/task/list each poll"
     mode: str = "list"
+    note: str = ""
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
         return await self.source.poll(tracked)
@@ -59,10 +72,34 @@ class ActiveReader:
     mode: str = "active"
     has_list: bool = True  # False: no /mj/task/list here, so no full reads
     last_full: float | None = None
+    small_list: int | None = None  # auto on a queue: read the list each poll up to this size
+    push_hint: str = ""  # how push callbacks reach this source (for `note`)
+
+    @property
+    def each_poll(self) -> bool:
+        """The whole list is read every poll (it is small enough, or it is the only way)."""
+        if self.discover == "list":
+            return True
+        size = self.source.list_size
+        return self.small_list is not None and size is not None and size <= self.small_list
+
+    @property
+    def note(self) -> str:
+        if self.discover != "queue" or self.each_poll or not self.has_list:
+            return ""
+        size = self.source.list_size
+        held = f"the list holds {size} tasks, " if size is not None else ""
+        small = f"over {self.small_list}, " if self.small_list is not None else ""
+        return (
+            f"/mj/task/queue shows no task that starts and ends between two polls, and {held}"
+            f"{small}too many to read each poll: such a task (a failure at once, above all) is "
+            f"reported at the next full read, up to {self.full_every:g}s (full_every) late. "
+            f"Push removes the delay: {self.push_hint}"
+        )
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
         due = self.last_full is None or now - self.last_full >= self.full_every
-        if self.discover == "list" or (self.has_list and due):
+        if self.each_poll or (self.has_list and due):
             snapshot = await self.source.poll(tracked)
             self.last_full = now
             return snapshot
@@ -103,6 +140,7 @@ class IdsReader:
     via: Literal["condition", "fetch"] = "condition"
     how: str = "POST /mj/task/list-by-condition of the tracked unfinished tasks"
     mode: str = "ids"
+    note: str = ""
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
         with self.source.look():

@@ -107,6 +107,7 @@ class PollingSource:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([config.api_key] if config.api_key else [])
         self.dropped = 0  # rows without a usable id met by the last poll (for metrics, tests)
+        self.list_size: int | None = None  # tasks in the last whole /mj/task/list read
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -140,6 +141,7 @@ class PollingSource:
         """The whole list plus lookups of the tracked unfinished tasks it did not contain."""
         with self.look() as look:
             tasks = (await self._request("GET", _LIST)).tasks
+            self.list_size = len(tasks)
             missing: frozenset[str] = frozenset()
             if tracked_unfinished:
                 ids = {task["id"] for task in tasks}
@@ -171,7 +173,9 @@ class PollingSource:
 
     async def list_tasks(self) -> Normalized:
         """GET /mj/task/list: every task the server lists (trueai: the newest 100)."""
-        return await self._request("GET", _LIST)
+        found = await self._request("GET", _LIST)
+        self.list_size = len(found.tasks)
+        return found
 
     async def queue(self) -> Normalized:
         """GET /mj/task/queue: the waiting and running tasks (midjourney-proxy)."""

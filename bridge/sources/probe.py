@@ -18,7 +18,7 @@ from typing import Literal
 from bridge.config import SourceConfig
 from bridge.errors import SourceError
 from bridge.models import UNFINISHED
-from bridge.sources.modes import ActiveReader, IdsReader, ListReader, Reader
+from bridge.sources.modes import SMALL_LIST, ActiveReader, IdsReader, ListReader, Reader
 from bridge.sources.poll import PollingSource, UnusableRows
 
 __all__ = ["choose_reader"]
@@ -65,9 +65,30 @@ async def _ids(source: PollingSource) -> IdsReader | None:
     return None
 
 
-def _active(config: SourceConfig, source: PollingSource, discover: Discover) -> Reader:
+def push_hint(config: SourceConfig) -> str:
+    """The exact lines that turn push callbacks on for this source."""
+    hook = f"http://BRIDGE:PORT/hooks/{config.name}?token=PUSH_TOKEN"
+    if config.push_token:
+        return (
+            f"push_token is set; point midjourney-proxy at it with `mj.notify-hook: {hook}` "
+            "(application.yml), PUSH_TOKEN being this source's push_token"
+        )
+    return (
+        f"add `push_token: ${{MJ_PUSH_TOKEN}}` to source {config.name} and set "
+        f"`mj.notify-hook: {hook}` in midjourney-proxy's application.yml"
+    )
+
+
+def _active(
+    config: SourceConfig, source: PollingSource, discover: Discover, *, auto: bool = False
+) -> Reader:
     how = f"{_HOW[discover]}; the full list at start and every {config.full_every:g}s"
-    return ActiveReader(source, discover, config.full_every, how)
+    small = SMALL_LIST if auto and discover == "queue" else None
+    if small is not None:
+        how += f", and each poll while it holds at most {small} tasks"
+    return ActiveReader(
+        source, discover, config.full_every, how, small_list=small, push_hint=push_hint(config)
+    )
 
 
 _HOW = {
@@ -103,6 +124,20 @@ async def choose_reader(config: SourceConfig, source: PollingSource) -> tuple[Re
                 )
             return _active(config, source, discover), "mode: active (configured)"
     discover = await _discovery(source)
+    if discover == "queue":
+        # The queue misses tasks that start and end between polls; a small list is read whole.
+        size = len((await source.list_tasks()).tasks)
+        reader = _active(config, source, discover, auto=True)
+        if size <= SMALL_LIST:
+            return reader, (
+                f"auto: /mj/task/queue answers but shows no task that starts and ends between "
+                f"two polls; the list holds {size} tasks (at most {SMALL_LIST}), so it is read "
+                "whole each poll"
+            )
+        return reader, (
+            f"auto: /mj/task/queue answers; the list holds {size} tasks (over {SMALL_LIST}), so "
+            "only unfinished tasks are read each poll"
+        )
     if discover is not None:
         why = f"auto: /mj/task/{discover} answers, so only unfinished tasks are read each poll"
         return _active(config, source, discover), why
