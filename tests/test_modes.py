@@ -338,7 +338,7 @@ async def test_auto_on_nz_reads_the_queue_and_reports_every_change(tmp_path: Pat
 
 
 @pytest.mark.parametrize("flavor", ["midjourney-proxy", "nz", "trueai"])
-async def test_with_the_defaults_a_task_that_starts_and_ends_between_two_polls_is_reported_at_the_next(
+async def test_by_default_a_task_begun_and_ended_between_polls_is_reported_at_the_next(
     tmp_path: Path, flavor: str
 ) -> None:
     async with rig(tmp_path, flavor, seed=30) as r:
