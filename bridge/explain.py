@@ -9,7 +9,8 @@ from typing import Any
 from bridge.config import Config, WebhookTargetConfig
 from bridge.errors import BridgeError
 from bridge.models import EVENT_TYPES, Event
-from bridge.rules import Router, suggest
+from bridge.rules import Router
+from bridge.suggest import EVENT_MEANINGS, suggest
 
 
 class EventError(BridgeError, ValueError):
@@ -30,7 +31,10 @@ def parse_event(body: Any) -> Event:
         raise EventError("the event has no 'type' (expected a CloudEvents event)")
     if body["type"] not in EVENT_TYPES:
         # No rule could ever see it (and `on: "*"` would seem to match it here): refuse.
-        hint = suggest(body["type"], EVENT_TYPES) or f" (known: {', '.join(EVENT_TYPES)})"
+        hint = (
+            suggest(body["type"], EVENT_TYPES, EVENT_MEANINGS)
+            or f" (known: {', '.join(EVENT_TYPES)})"
+        )
         raise EventError(f"'{body['type']}' is not a known event type{hint}")
     if body.get("data") is not None and not isinstance(body["data"], dict):
         raise EventError("the event's 'data' must be an object")

@@ -1,174 +1,48 @@
 """Rules stage: events + rules -> deliveries, rendered by templates.py. Pure apart from the memory
 that throttles and digest windows need; the clock is passed in (`now`), so tests control time.
+A rule is compiled once (`compile_rule`): the loader reports its problems, the router runs it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bridge import templates
-from bridge.models import EVENT_TYPES, Delivery, Event, Task, delivery_id
+from bridge.conditions import (
+    Condition,
+    Matcher,
+    Path,
+    as_text,
+    expand_types,
+    is_glob,
+    parse_matcher,
+    parse_path,
+)
+from bridge.models import EVENT_TYPES, Delivery, Event, EventType, delivery_id
+from bridge.suggest import EVENT_MEANINGS, FILTER_MEANINGS, suggest
 
 if TYPE_CHECKING:
     from bridge.config import Config, RuleConfig
 
-# Top-level task fields a `when` key may name without the `task.` prefix: the shared Task model
-# plus the extras the known upstreams send (trueai, new-api). `task.anything` reaches the rest.
-TASK_FIELDS: frozenset[str] = frozenset(Task.model_fields) | {
-    "botType", "realBotType", "mode", "requestMode", "seed", "seedError", "parentId", "userId",
-    "nonce", "messageId", "messageIds", "instanceId", "promptFull", "imageUrls", "thumbnailUrl",
-    "videoUrl", "videoUrls", "width", "height", "imageWidth", "imageHeight", "jobId", "version",
-    "useTime", "clientIp", "isCompleted", "displays", "customId", "maskBase64",
-}  # fmt: skip
-EVENT_KEYS = ("source", "type")  # bare keys that read the event rather than the task
-SCOPES = ("task", "previous", "data")
-_REGEX = re.compile(r"^/(?P<pattern>.*)/(?P<flags>[a-zA-Z]*)$", re.DOTALL)
-_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
-
-
-@dataclass(frozen=True, slots=True)
-class Path:
-    """Where a `when`/`group.by` key reads: `scope` is event, task, previous or data."""
-
-    key: str
-    scope: str
-    parts: tuple[str, ...]
-
-    def values(self, event: Event) -> list[Any]:
-        """Every non-null value found; lists along the way are searched element by element."""
-        if self.scope == "event":
-            return [getattr(event, self.parts[0])]
-        root = {"task": event.task, "previous": event.previous, "data": event.data}[self.scope]
-        found: list[Any] = [root] if root is not None else []
-        for part in self.parts:
-            step: list[Any] = []
-            for item in found:
-                for obj in item if isinstance(item, list) else [item]:
-                    if isinstance(obj, dict) and obj.get(part) is not None:
-                        step.append(obj[part])
-            found = step
-        return [v for item in found for v in (item if isinstance(item, list) else [item])]
-
-
-def parse_path(key: str) -> Path:
-    """`action`, `properties.botType`, `task.anyField`, `previous.status`, `data.reason`,
-    `source`, `type`. Raises ValueError naming what is wrong."""
-    if key in EVENT_KEYS:
-        return Path(key, "event", (key,))
-    parts = tuple(key.split("."))
-    if any(not p for p in parts):
-        raise ValueError(f"'{key}' is not a field path such as action or properties.botType")
-    if parts[0] in SCOPES and len(parts) > 1:
-        return Path(key, parts[0], parts[1:])
-    if parts[0] in TASK_FIELDS:
-        return Path(key, "task", parts)
-    hint = suggest(parts[0], [*TASK_FIELDS, *EVENT_KEYS])
-    raise ValueError(
-        f"unknown task field '{parts[0]}'{hint}; write task.{key} for a field your upstream adds"
-    )
-
-
-def as_text(value: Any) -> str:
-    """Scalars compare as their text: true/false as in YAML and JSON, numbers as written."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
-    return str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Matcher:
-    """One accepted value: exact text, a regex (searched), or None for "absent or null"."""
-
-    text: str | None = None
-    regex: re.Pattern[str] | None = None
-
-    def holds(self, values: list[Any]) -> bool:
-        if self.regex is not None:
-            return any(self.regex.search(as_text(v)) for v in values)
-        if self.text is None:
-            return not values
-        return any(as_text(v) == self.text for v in values)
-
-    def __str__(self) -> str:
-        if self.regex is not None:
-            return f"/{self.regex.pattern}/"
-        return "null" if self.text is None else repr(self.text)
-
-
-def parse_matcher(value: Any) -> Matcher:
-    """A scalar, `/regex/flags` (flags among i, m, s, x) or null. Raises ValueError."""
-    if isinstance(value, dict | list):
-        raise ValueError(
-            "expected a value, a /regex/ or a list of them"
-            " (reach nested fields with a dotted key such as properties.botType)"
-        )
-    if value is None:
-        return Matcher()
-    if isinstance(value, str) and (m := _REGEX.match(value)):
-        flags = 0
-        for flag in m["flags"]:
-            if flag not in _FLAGS:
-                raise ValueError(f"unknown regex flag '{flag}' (use i, m, s or x)")
-            flags |= _FLAGS[flag]
-        try:
-            return Matcher(regex=re.compile(m["pattern"], flags))
-        except re.error as exc:
-            raise ValueError(f"bad regex: {exc}") from exc
-    return Matcher(text=as_text(value))
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    path: Path
-    matchers: tuple[Matcher, ...]
-
-    def failure(self, event: Event) -> str | None:
-        """None when the condition holds, else why not."""
-        if self.path.scope == "task" and event.task is None:
-            return f"when {self.path.key}: {event.type} events carry no task"
-        values = self.path.values(event)
-        if any(m.holds(values) for m in self.matchers):
-            return None
-        wanted = " or ".join(str(m) for m in self.matchers)
-        have = ", ".join(repr(templates.oneline(as_text(v))[:60]) for v in values) or "nothing"
-        return f"when {self.path.key}: has {have}, wanted {wanted}"
-
-
-def parse_condition(key: str, value: Any) -> Condition:
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise ValueError("an empty list matches nothing")
-    return Condition(parse_path(key), tuple(parse_matcher(v) for v in items))
-
-
-def is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-def expand_types(pattern: str) -> list[str]:
-    """The known event types a pattern of `on` matches."""
-    if is_glob(pattern):
-        return [t for t in EVENT_TYPES if fnmatch.fnmatchcase(t, pattern)]
-    return [pattern] if pattern in EVENT_TYPES else []
-
-
-def suggest(word: str, choices: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if not close:
-        lowered = {c.lower(): c for c in choices}
-        close = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f" (did you mean '{close[0]}'?)" if close else ""
+__all__ = [
+    "CompiledRule",
+    "Condition",
+    "Match",
+    "Matcher",
+    "Path",
+    "Router",
+    "RuleIssue",
+    "as_text",
+    "compile_rule",
+    "parse_matcher",
+    "parse_path",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +67,13 @@ class CompiledRule:
 
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
-        conditions = tuple(parse_condition(k, v) for k, v in rule.when.items())
-        group_by = tuple(parse_path(k) for k in rule.group.by) if rule.group else None
-        return cls(rule, rule.name, tuple(rule.on), conditions, group_by)
+        """The compiled rule; raises ValueError when its `when` or `group.by` cannot run (a
+        config from the loader never has such a rule)."""
+        compiled, issues = compile_rule(rule)
+        by = rule.group.by if rule.group else []
+        if len(compiled.conditions) < len(rule.when) or len(compiled.group_by or ()) < len(by):
+            raise ValueError(next(i.message for i in issues if i.path[0] in ("when", "group")))
+        return compiled
 
     def failure(self, event: Event) -> str | None:
         if not any(fnmatch.fnmatchcase(event.type, p) for p in self.patterns):
@@ -221,6 +99,121 @@ class CompiledRule:
             values = path.values(event)
             parts.append(f"{path.key}={as_text(values[0]) if values else ''}")
         return "|".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleIssue:
+    """A problem of one rule: `path` inside the rule (("when", "action", 1)), and whether it is
+    about the key at the path rather than its value; `line` is the line inside a template."""
+
+    path: tuple[str | int, ...]
+    message: str
+    key: bool = False
+    line: int = 0
+
+
+def compile_rule(
+    rule: RuleConfig,
+    targets: Collection[str] | None = None,
+    sources: Collection[str] | None = None,
+) -> tuple[CompiledRule, list[RuleIssue]]:
+    """The one place a rule is parsed: its compiled form (parts that failed left out) and every
+    problem found. Given `targets` and `sources`, names the rule uses are checked against them."""
+    issues: list[RuleIssue] = []
+    types: set[str] = set()
+    if not rule.on:
+        issues.append(RuleIssue(("on",), "an empty list matches no event"))
+    for j, pattern in enumerate(rule.on):
+        found = expand_types(pattern)
+        types.update(found)
+        if not found and is_glob(pattern):
+            issues.append(RuleIssue(("on", j), f"'{pattern}' matches no event type"))
+        elif not found:
+            hint = suggest(pattern, EVENT_TYPES, EVENT_MEANINGS)
+            issues.append(RuleIssue(("on", j), f"unknown event type '{pattern}'{hint}"))
+    only_source = bool(types) and all(t.startswith("source.") for t in types)
+
+    if not rule.to and not rule.stop:
+        issues.append(RuleIssue(("to",), "no targets (an empty list only makes sense with "
+                                "stop: true, to drop events)"))  # fmt: skip
+    for j, name in enumerate(rule.to if targets is not None else ()):
+        if name not in targets:  # type: ignore[operator]
+            hint = suggest(name, sorted(targets)) or (  # type: ignore[arg-type]
+                f" (targets: {', '.join(targets)})" if targets else " (no targets defined)"
+            )
+            issues.append(RuleIssue(("to", j), f"unknown target '{name}'{hint}"))
+    if rule.cancel and types and EventType.STALLED not in types:
+        issues.append(RuleIssue(("cancel",), "cancel only acts on task.stalled events, and this "
+                                "rule's on: never matches task.stalled"))  # fmt: skip
+
+    conditions: list[Condition] = []
+    for key, value in rule.when.items():
+        try:
+            path = parse_path(key)
+        except ValueError as exc:
+            issues.append(RuleIssue(("when", key), str(exc), key=True))
+            continue
+        if path.scope == "task" and only_source:
+            why = f"'{key}' reads the task, but source.* events carry none: this rule never matches"
+            issues.append(RuleIssue(("when", key), why, key=True))
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            issues.append(RuleIssue(("when", key), "an empty list matches nothing"))
+        matchers: list[Matcher] = []
+        for j, item in enumerate(items):
+            try:
+                matchers.append(parse_matcher(item))
+            except ValueError as exc:
+                issues.append(RuleIssue(("when", key, j), str(exc)))
+                continue
+            text = matchers[-1].text
+            if key == "source" and sources is not None and text is not None and text not in sources:
+                hint = suggest(text, sorted(sources)) or (
+                    f" (sources: {', '.join(sources)})" if sources else " (no sources defined)"
+                )
+                issues.append(RuleIssue(("when", key, j), f"unknown source '{text}'{hint}"))
+        if items and len(matchers) == len(items):
+            conditions.append(Condition(path, tuple(matchers)))
+
+    group_by: list[Path] = []
+    for j, key in enumerate(rule.group.by if rule.group else ()):
+        try:
+            group_by.append(parse_path(key))
+        except ValueError as exc:
+            issues.append(RuleIssue(("group", "by", j), str(exc)))
+
+    for name, source in (("title", rule.title), ("body", rule.body)):
+        if source is not None and (failure := _template_failure(source)):
+            issues.append(RuleIssue((name,), f"template error: {failure[1]}", line=failure[0]))
+
+    compiled = CompiledRule(
+        rule, rule.name, tuple(rule.on), tuple(conditions), tuple(group_by) if rule.group else None
+    )
+    return compiled, issues
+
+
+def _template_failure(source: str) -> tuple[int, str] | None:
+    """templates.check_template, with a "did you mean" for an unknown filter or time zone."""
+    try:
+        failure = templates.check_template(source)
+    except (RecursionError, MemoryError):
+        return 1, "the template is nested too deeply to compile"
+    if failure is None:
+        return None
+    line, message = failure
+    if m := re.search(r"No (filter|test) named '([^']*)'", message):
+        choices = sorted(templates.ENV.filters if m[1] == "filter" else templates.ENV.tests)
+        meanings = FILTER_MEANINGS if m[1] == "filter" else None
+        message = message.rstrip(".") + suggest(m[2], choices, meanings)
+    elif m := re.search(r"unknown time zone '([^']*)'", message):
+        message += suggest(m[1], _zones()) or " (an IANA name such as Europe/Berlin or UTC)"
+    return line, message
+
+
+def _zones() -> list[str]:
+    import zoneinfo
+
+    return sorted(zoneinfo.available_timezones())
 
 
 class Router:

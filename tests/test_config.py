@@ -229,7 +229,7 @@ ERRORS = [
         id="source-url-not-http",
     ),
     pytest.param(
-        "sources:\n  - name: MJ\n    base_url: http://x\n", 2, 11, "should match pattern",
+        "sources:\n  - name: MJ\n    base_url: http://x\n", 2, 11, "use lowercase letters",
         id="source-name-pattern",
     ),
     pytest.param(

@@ -1,12 +1,13 @@
-"""Config stage: rules.yaml as pydantic models (unknown keys refused), `${VAR}` substitution,
-durations and rates (`schema`); `load_config` reports every problem at once as FILE:LINE:COL
-(`load`); `ConfigWatcher` swaps in a new file only after it validates (`reload`).
+"""Config stage: rules.yaml as pydantic models (unknown keys refused), durations, rates and
+booleans (`schema`); read within bounds with `${VAR}` substitution (`document`); `load_config`
+reports every problem at once as FILE:LINE:COL with a plain fix (`load`, `crosscheck`,
+`messages`); `ConfigWatcher` swaps in a new file only after it validates (`reload`).
 """
 
 from bridge.config.listen import Listen, is_loopback
 from bridge.config.load import check, load_config
 from bridge.config.passwords import check_password, hash_password
-from bridge.config.reload import ConfigWatcher, watch_config
+from bridge.config.reload import ConfigWatcher
 from bridge.config.schema import (
     AmqpTargetConfig,
     AppriseTargetConfig,
@@ -30,7 +31,6 @@ from bridge.config.schema import (
     WebhookTargetConfig,
     parse_duration,
     parse_rate,
-    substitute_env,
 )
 from bridge.errors import ConfigError, Problem
 
@@ -66,6 +66,4 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_rate",
-    "substitute_env",
-    "watch_config",
 ]

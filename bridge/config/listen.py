@@ -24,6 +24,9 @@ class Listen(str):
     def parse(cls, value: object) -> Listen:
         if isinstance(value, Listen):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # `listen: 8787`
+            raise ValueError("write the address in quotes as HOST:PORT, such as '127.0.0.1:8787', "
+                             "or ':8787' for every interface")  # fmt: skip
         if not isinstance(value, str):
             raise ValueError(_EXPECTED)
         text = value.strip()

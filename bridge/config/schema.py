@@ -1,15 +1,16 @@
-"""rules.yaml as pydantic models (unknown keys refused), with durations, rates and `${VAR}`
-substitution. Pure: reading the file and pointing at lines is `load.py`.
+"""rules.yaml as pydantic models (unknown keys refused), with durations, rates and booleans read
+strictly. Pure: reading the file, `${VAR}` and pointing at lines are the loader's (`load.py`).
 """
 
 from __future__ import annotations
 
-import os
+import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ByteSize,
@@ -26,19 +27,48 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+def shown(value: object) -> str:
+    """A value quoted for a message, cut short (the loader replaces values from `${VAR}`)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "...'"
+
+
 def parse_duration(value: object) -> float:
     """`250ms`, `5s`, `2m`, `1h`, `1d`, or a number of seconds -> seconds."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m[1]) * _UNITS[m[2]]
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
+        seconds = float(value)  # a bare number of seconds, e.g. from ${POLL:-5}
+    if seconds is None:
+        raise ValueError(f"{shown(value)} is not a duration such as 250ms, 5s, 2m or 1h")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative (write one such as 250ms, 5s or 2m)")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be finite (write one such as 250ms, 5s or 2m)")
+    return seconds
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0, such as 250ms, 5s or 2m")
+    return seconds
+
+
+def parse_bool(value: object) -> bool:
+    """true or false (YAML 1.2): yes/no/on/off are text, so they are refused rather than guessed;
+    the text true/false (from `${VAR:-true}`) is read as the boolean."""
     if isinstance(value, bool):
-        raise ValueError("a duration such as 250ms, 5s, 2m or 1h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m[1]) * _UNITS[m[2]]
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
-        return float(value)  # a bare number of seconds, e.g. from ${POLL:-5}
-    raise ValueError(f"{value!r} is not a duration such as 250ms, 5s, 2m or 1h")
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if isinstance(value, str) and value.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
+        raise ValueError(
+            "write true or false (this file is YAML 1.2, where yes, no, on and off are text)"
+        )
+    raise ValueError("write true or false")
 
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(ms|s|sec|second|m|min|minute|h|hour)\s*$")
@@ -62,7 +92,7 @@ def parse_rate(value: object) -> tuple[int, float]:
         if count <= 0:
             raise ValueError("a rate needs at least 1 per period")
         return count, _RATE_UNITS[m[2]]
-    raise ValueError(f"{value!r} is not a rate such as 30/min, 5/s or 100/h")
+    raise ValueError(f"{shown(value)} is not a rate such as 30/min, 5/s or 100/h")
 
 
 def http_url_problem(value: str) -> str | None:
@@ -91,6 +121,9 @@ def _http_url(value: str) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# Intervals and timeouts where 0 makes no sense (`poll_interval: 0` would poll in a busy loop).
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+Bool = Annotated[bool, BeforeValidator(parse_bool)]
 Rate = Annotated[tuple[int, float], BeforeValidator(parse_rate)]
 
 
@@ -103,16 +136,16 @@ class SourceConfig(Strict):
     base_url: str
     api_key: str | None = None
     auth: Literal["bearer", "mj-api-secret", "raw", "none"] = "bearer"
-    poll_interval: Duration = 5.0
-    timeout: Duration = 10.0
-    backfill: bool = False
-    stall_after: Duration = 600.0
+    poll_interval: PositiveDuration = 5.0
+    timeout: PositiveDuration = 10.0
+    backfill: Bool = False
+    stall_after: PositiveDuration = 600.0
     push_token: str | None = None
     mode: Literal["auto", "list", "active", "ids"] = "auto"
     full_every: Duration = 60.0
     enrich: list[Literal["seed"]] = Field(default_factory=list)
     # Its tasks' imageUrls may point at loopback/private addresses (a local simulator, a LAN relay).
-    allow_private_images: bool = False
+    allow_private_images: Bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -121,13 +154,13 @@ class SourceConfig(Strict):
 
 
 class TargetCommon(Strict):
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     # Retries (docs/delivery.md): the first wait after a failure, doubling up to `backoff_cap`,
     # jittered; a delivery is retried until `max_age` (or `max_attempts`, when set).
-    backoff: Duration = 5.0
-    backoff_cap: Duration = 300.0
+    backoff: PositiveDuration = 5.0
+    backoff_cap: PositiveDuration = 300.0
     max_attempts: int | None = Field(default=None, ge=1)
-    max_age: Duration = 86400.0
+    max_age: PositiveDuration = 86400.0
     rate_limit: Rate | None = None
     concurrency: int = Field(default=4, ge=1, le=64)
 
@@ -135,9 +168,9 @@ class TargetCommon(Strict):
 class AppriseTargetConfig(TargetCommon):
     kind: Literal["apprise"] = "apprise"
     url: str
-    attach_image: bool = False
+    attach_image: Bool = False
     max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
-    allow_private_images: bool = False  # fetch images from loopback/private/link-local addresses
+    allow_private_images: Bool = False  # fetch images from loopback/private/link-local addresses
     # What the rule's title and body are written in; apprise converts it for the service
     # (text becomes HTML with line breaks for mail, for instance).
     format: Literal["text", "markdown", "html"] = "text"
@@ -173,9 +206,9 @@ class ChatTargetCommon(TargetCommon):
     """What the chat targets share: one message per task, edited in place."""
 
     min_edit_interval: Duration = 2.0  # at most one edit of a task's message this often
-    attach_image: bool = False  # download the final image and upload it with the message
+    attach_image: Bool = False  # download the final image and upload it with the message
     max_image_bytes: ByteSize = ByteSize(8 * 1024 * 1024)  # 8MiB; larger images are linked
-    allow_private_images: bool = False  # fetch images from loopback/private/link-local addresses
+    allow_private_images: Bool = False  # fetch images from loopback/private/link-local addresses
 
 
 class DiscordTargetConfig(ChatTargetCommon):
@@ -309,10 +342,10 @@ class AmqpTargetConfig(BrokerTargetCommon):
     amqp: str  # amqp://user:pass@host:5672/vhost
     exchange: str = "mj"
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
-    declare: bool = True  # declare the exchange (durable) on connect; false: it must exist
+    declare: Bool = True  # declare the exchange (durable) on connect; false: it must exist
     routing_key: str = "{{ source }}.{{ type }}"
     # An event no queue is bound for is refused (and retried) instead of dropped by the broker.
-    mandatory: bool = True
+    mandatory: Bool = True
 
     @field_validator("amqp")
     @classmethod
@@ -351,7 +384,7 @@ class MqttTargetConfig(BrokerTargetCommon):
     kind: Literal["mqtt"] = "mqtt"
     mqtt: str  # mqtt://[user:pass@]host:1883
     topic: str | None = None  # default: mj/{{ source }}/{{ type }}; with retain: one per task
-    retain: bool = False
+    retain: Bool = False
     qos: Literal[1, 2] = 1
 
     @field_validator("mqtt")
@@ -421,8 +454,8 @@ class RuleConfig(Strict):
     body: str | None = None
     throttle: Duration | None = None
     group: GroupConfig | None = None
-    stop: bool = False
-    cancel: bool = False
+    stop: Bool = False
+    cancel: Bool = False
 
 
 class ServerAuthConfig(Strict):
@@ -430,7 +463,7 @@ class ServerAuthConfig(Strict):
 
     token: str | None = Field(default=None, min_length=16)  # `Authorization: Bearer TOKEN`
     users: dict[str, str] = Field(default_factory=dict)  # name: hash from `bridge hash-password`
-    metrics: bool = False  # /metrics asks for the token (or a user's session) too
+    metrics: Bool = False  # /metrics asks for the token (or a user's session) too
 
     @field_validator("users")
     @classmethod
@@ -463,7 +496,7 @@ class ServerConfig(Strict):
     # The bridge's address as upstreams and browsers reach it: where notifyHooks point and the
     # one Host name (besides IP literals and localhost) the server answers. Default: the bound URL.
     public_url: str | None = None
-    insecure: bool = False  # listen beyond loopback without `auth` (say why in a comment)
+    insecure: Bool = False  # listen beyond loopback without `auth` (say why in a comment)
     auth: ServerAuthConfig | None = None
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     max_connections: int = Field(default=256, ge=1)
@@ -532,30 +565,3 @@ def _url_tail(url: str) -> list[str]:
         return []
     tail = parts.path + (f"?{parts.query}" if parts.query else "")
     return [t for t in (tail, parts.query) if len(t) >= 8]
-
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _env_value(name: str, default: str | None, env: dict[str, str]) -> str | None:
-    """`${VAR:-default}` as in the shell: the default when VAR is unset or empty."""
-    value = env.get(name)
-    if value:
-        return value
-    if default is not None:
-        return default
-    return value
-
-
-def substitute_env(text: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
-    """Replace `${VAR}` and `${VAR:-default}`; returns the text and the names that were missing."""
-    env = dict(os.environ) if env is None else env
-    missing: list[str] = []
-
-    def repl(m: re.Match[str]) -> str:
-        value = _env_value(m[1], m[2], env)
-        if value is None:
-            missing.append(m[1])
-        return value or ""
-
-    return _ENV.sub(repl, text), missing

@@ -1,0 +1,195 @@
+"""Problems in plain words: YAML syntax errors mapped to the mistake a person made (indentation,
+a tab, a value that needs quotes, a missing space after `:`), and pydantic's errors to what a
+valid value looks like. Every message names the fix; none echoes a value the user did not write.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic_core import ErrorDetails
+
+from bridge.config.document import Document, Loc, dotted
+from bridge.errors import Problem
+
+# --- YAML syntax ---------------------------------------------------------------------------------
+
+_QUOTE = "put the whole value in quotes"
+_NO_SPACE = re.compile(r"^(\s*(?:-\s+)?)([A-Za-z_][\w.-]*):(?=[^\s:/])")
+_VALUE = re.compile(r"^\s*(?:-\s+)?[^\s:#'\"][^:#]*?:\s+(?P<value>\S.*?)\s*$")
+
+
+def _line(text: str, line: int) -> str:
+    lines = text.split("\n")
+    return lines[line] if 0 <= line < len(lines) else ""
+
+
+def _missing_space(text: str, line: int) -> tuple[int, int, str] | None:
+    """A `key:value` on this line or the one before (0-based); (line, column, key) 1-based."""
+    for number in (line, line - 1):
+        if m := _NO_SPACE.match(_line(text, number)):
+            return number + 1, m.end(2) + 1, m[2]
+    return None
+
+
+def _value_hint(value: str) -> str | None:
+    """Why an unquoted value broke the YAML, from how it starts or what it holds."""
+    first = value[:1]
+    if value.startswith(("{{", "{%")):
+        return (f"a template at the start of a value is read as a mapping: {_QUOTE}, "
+                'e.g. title: "{{ task.action }} failed"')  # fmt: skip
+    if first in ("[", "{"):
+        return (
+            f"a value starting with {first} is read as a list or mapping: if it is text, {_QUOTE}"
+        )
+    if first == "*":
+        return f'a value starting with * is read as an alias: {_QUOTE}, e.g. on: "*.failed"'
+    if first == "&":
+        return f"a value starting with & is read as an anchor: {_QUOTE}"
+    if first and first in "%@`|>!":
+        return f"a value cannot start with {first} unless quoted: {_QUOTE}"
+    if ": " in value or value.endswith(":"):
+        return (f"this value holds ': ', which YAML reads as a new key: {_QUOTE}, "
+                'e.g. title: "Failed: {{ task.prompt }}"')  # fmt: skip
+    return None
+
+
+def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
+    """One problem for a YAML error, at its real position, saying what to change."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line, column = doc.position(exc.position)
+        char = exc.character
+        code = f"U+{char:04X}" if isinstance(char, int) else f"U+{ord(char[:1] or '?'):04X}"
+        message = (
+            f"invalid YAML: the control character {code} cannot appear in a YAML file "
+            '(delete it; write \\t or \\n inside "double quotes" if you meant one)'
+        )
+        doc.problems.append(Problem(doc.file, line, column, message))
+        return
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        doc.problems.append(Problem(doc.file, 1, 1, f"invalid YAML: {exc}"))
+        return
+    mark = exc.problem_mark or exc.context_mark
+    line, column = (mark.line, mark.column) if mark else (0, 0)
+    problem, context = str(exc.problem or ""), str(exc.context or "")
+    hint: str | None = None
+    if "'\\t'" in problem:
+        hint = "a tab: YAML indents with spaces only (replace the tab with spaces)"
+    elif "too deep" in problem or "once aliases are expanded" in problem:
+        hint = problem
+    elif context.startswith("while scanning a quoted scalar") and exc.context_mark:
+        start = exc.context_mark
+        line, column = start.line, start.column
+        hint = "this quote is never closed (end the value with the same quote it starts with)"
+    elif "undefined alias" in problem:
+        name = problem.split("'")[1] if "'" in problem else ""
+        hint = (f"*{name} refers to no anchor above it (define &{name} first, or put a value "
+                "starting with * in quotes)")  # fmt: skip
+    elif "while scanning an alias" in context or "while scanning an anchor" in context:
+        hint = _value_hint(_value_at(doc.text, line) or "*")
+    elif "that cannot start any token" in problem:
+        hint = _value_hint(_value_at(doc.text, line) or "%") or f"{_QUOTE}"
+    elif "mapping values are not allowed" in problem:
+        if found := _missing_space(doc.text, line):
+            line, column, key = found[0] - 1, found[1] - 1, found[2]
+            hint = f"put a space after ':' (write {key}: value)"
+        elif (value := _value_at(doc.text, line)) and (hint := _value_hint(value)):
+            pass
+        else:
+            hint = _INDENT
+    elif "found unhashable key" in problem:
+        hint = _value_hint(_value_at(doc.text, line) or "{{")
+    elif "expected <block end>" in problem or "expected <document start>" in problem:
+        value = _value_at(doc.text, line) if "<scalar>" in problem else None
+        hint = (_value_hint(value) if value else None) or _INDENT
+    elif context.startswith("while parsing a flow"):
+        hint = ("a list [a, b] or mapping {k: v} written on one line needs commas and its "
+                f"closing bracket; if the value is text, {_QUOTE}")  # fmt: skip
+    if hint is None:
+        where = f" ({context})" if context else ""
+        hint = f"{problem}{where}"
+    doc.problems.append(Problem(doc.file, line + 1, column + 1, f"invalid YAML: {hint}"))
+
+
+_INDENT = (
+    "the indentation does not line up: indent this line with spaces exactly like the other keys "
+    "of its block (keys of one rule line up under its name:)"
+)
+
+
+def _value_at(text: str, line: int) -> str | None:
+    m = _VALUE.match(_line(text, line))
+    return m["value"] if m else None
+
+
+# --- values the schema refuses --------------------------------------------------------------------
+
+# What a valid value of a named field looks like, for the type errors pydantic reports.
+EXAMPLES: dict[str, str] = {
+    "listen": "'127.0.0.1:8787', or ':8787' for every interface",
+    "name": "a name such as my-source (lowercase letters, digits, _ and -)",
+    "base_url": "https://mj.example.com",
+    "api_key": "${MJ_API_KEY}",
+    "to": "a target name or a list: [team-slack, pipeline]",
+    "on": "an event type or a list: [task.failed, task.succeeded]",
+    "when": "a mapping of field: value, such as {action: IMAGINE}",
+    "by": "a list of fields such as [source, action]",
+    "headers": "a mapping such as {X-Team: art}",
+    "enrich": "a list such as [seed]",
+    "max_attempts": "a whole number such as 8",
+    "concurrency": "a whole number from 1 to 64, such as 4",
+    "max_image_bytes": "a size such as 8MiB",
+    "sources": "a list of sources, each starting with '- name:'",
+    "targets": "a mapping of target names to targets",
+    "rules": "a list of rules, each starting with '- name:'",
+    "server": "a mapping such as {listen: '127.0.0.1:8787'}",
+}
+
+_TYPES: dict[str, str] = {
+    "string_type": "expected text",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping (key: value lines, indented below this key)",
+    "model_type": "expected a mapping (key: value lines, indented below this key)",
+    "model_attributes_type": "expected a mapping (key: value lines, indented below this key)",
+    "tuple_type": "expected a list",
+    "byte_size_parsing": "expected a size such as 512KB or 8MiB",
+    "byte_size_unit": "expected a size such as 512KB or 8MiB",
+}
+
+
+def _field(loc: Loc) -> str:
+    names = [p for p in loc if isinstance(p, str)]
+    return names[-1] if names else ""
+
+
+def value_message(doc: Document, loc: Loc, error: ErrorDetails, value: Any) -> str:
+    """The message for a value pydantic refused: the path, what is wrong, what valid looks like."""
+    kind = error["type"]
+    field = _field(loc)
+    example = EXAMPLES.get(field)
+    if kind in _TYPES and isinstance(value, str) and (m := _NO_SPACE.match(value)):
+        return f"{dotted(loc)}: put a space after ':' (write {m[2]}: value)"
+    if kind in _TYPES:
+        text = _TYPES[kind]
+        if example:
+            text += f", such as {example}" if not example.startswith("a ") else f": {example}"
+        if kind == "string_type" and isinstance(value, int | float) and field == "listen":
+            text = f"write the address in quotes: {example}"
+        elif kind == "string_type" and isinstance(value, bool | int | float):
+            text += " (put it in quotes)"
+        return f"{dotted(loc)}: {text}"
+    if kind == "string_pattern_mismatch" and field == "name":
+        return f"{dotted(loc)}: use lowercase letters, digits, _ and - only, such as my-source"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{dotted(loc)}: write one of {expected}"
+    # pydantic's other messages name the expected shape, never the input value.
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{dotted(loc)}: {message}"
