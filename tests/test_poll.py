@@ -40,9 +40,15 @@ class Upstream:
         self.requests: list[tuple[str, str, dict[str, str], Any]] = []
         self.release = asyncio.Event()
         self.url = ""
+        self.accepts: tuple[str, str] | None = None  # (header, value): anything else is a 401
+
+    def refused(self, request: web.Request) -> bool:
+        return self.accepts is not None and request.headers.get(self.accepts[0]) != self.accepts[1]
 
     async def list(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(("GET", request.path, dict(request.headers), None))
+        if self.refused(request):
+            return web.Response(status=401)
         if self.fault:
             return await self.misbehave(self.fault)
         tasks = self.tasks if self.cap is None else self.tasks[: self.cap]
@@ -626,3 +632,52 @@ async def test_simulated_wrong_key_is_auth_failed(
         await src.fetch_ids(["1"])
     assert caught.value.reason == "auth_failed"
     assert "sk-wrong-key" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "scheme"),
+    [("Authorization", f"Bearer {KEY}", "bearer"), ("Authorization", KEY, "raw")],
+    ids=["bearer", "raw"],
+)
+async def test_auth_left_out_is_detected_once_on_a_401(
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    header: str,
+    value: str,
+    scheme: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", "bridge.sources")
+    upstream.tasks = [mj_task("1")]
+    upstream.accepts = (header, value)
+    src = source(upstream.url, session)  # no auth: in the config
+    assert (await src.poll()).tasks == [mj_task("1")]
+    assert src.auth == scheme
+    assert f"accepts auth: {scheme} (detected)" in caplog.text
+    tried = len(upstream.requests)
+    await src.poll()
+    assert len(upstream.requests) == tried + 1  # adopted: no more guessing
+    assert upstream.requests[-1][2][header] == value
+
+
+async def test_a_wrong_configured_auth_is_named_with_the_one_that_works(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.accepts = ("mj-api-secret", KEY)
+    with pytest.raises(SourceError, match=r"set `auth: mj-api-secret` on source mj") as caught:
+        await source(upstream.url, session, auth="bearer").poll()
+    assert caught.value.reason == "auth_failed"
+    assert KEY not in str(caught.value)
+
+
+async def test_a_key_refused_in_every_scheme_says_so(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    upstream.accepts = ("mj-api-secret", "another-key")
+    src = source(upstream.url, session)
+    with pytest.raises(SourceError, match=r"refused in every scheme .*check api_key"):
+        await src.poll()
+    assert len(upstream.requests) == 3  # each scheme once
+    with pytest.raises(SourceError, match="HTTP 401"):
+        await src.poll()
+    assert len(upstream.requests) == 4  # tried once, not at every poll

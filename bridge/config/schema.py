@@ -135,7 +135,9 @@ class SourceConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9_-]+$")
     base_url: str
     api_key: str | None = None
-    auth: Literal["bearer", "mj-api-secret", "raw", "none"] = "bearer"
+    # None: detected. The mj-api-secret header first (midjourney-proxy's own; trueai and new-api
+    # accept it too), the other schemes tried once on a 401/403 (sources/poll.py).
+    auth: Literal["bearer", "mj-api-secret", "raw", "none"] | None = None
     poll_interval: PositiveDuration = 5.0
     timeout: PositiveDuration = 10.0
     backfill: Bool = False

@@ -49,11 +49,15 @@ _QUEUE = "/mj/task/queue"
 _QUERY = "/mj/task/query"
 
 
-def auth_headers(auth: str, api_key: str | None) -> dict[str, str]:
-    """The request headers of one auth mode; none without a key."""
+AUTH_SCHEMES = ("mj-api-secret", "bearer", "raw")
+
+
+def auth_headers(auth: str | None, api_key: str | None) -> dict[str, str]:
+    """The request headers of one auth mode (None: mj-api-secret, which midjourney-proxy needs
+    and trueai and new-api accept too); none without a key."""
     if not api_key:
         return {}
-    match auth:
+    match auth or "mj-api-secret":
         case "bearer":
             return {"Authorization": f"Bearer {api_key}"}
         case "mj-api-secret":
@@ -104,6 +108,11 @@ class PollingSource:
         self.name = config.name
         self._session = session
         self._headers = {"Accept": "application/json", **auth_headers(config.auth, config.api_key)}
+        # The schemes are tried once, on the first 401/403: to adopt one when the config leaves
+        # `auth` out, or to name the one that works when the configured one does not.
+        self.auth = config.auth or AUTH_SCHEMES[0]
+        self._auth_tried = not config.api_key or config.auth == "none"
+        self._works: str | None = None  # the scheme found to work when another is configured
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([config.api_key] if config.api_key else [])
         self.dropped = 0  # rows without a usable id met by the last poll (for metrics, tests)
@@ -295,8 +304,14 @@ class PollingSource:
             async with self._session.request(
                 method, url, data=data, headers=headers, timeout=self._timeout
             ) as response:
+                status = response.status
+                if status in (401, 403) and not self._auth_tried:
+                    self._auth_tried = True
+                    better = await self._other_auth(method, url, data)
+                    if better is not None:
+                        return await self._send(method, path, data, strict=strict)
                 if strict:
-                    _check_status(response.status, where)
+                    _check_status(response.status, where, self._auth_hint())
                 payload = await response.read()
                 return where, response.status, response.content_type, payload
         except SourceError:
@@ -315,6 +330,43 @@ class PollingSource:
             raise SourceError(
                 "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
             ) from exc
+
+    async def _other_auth(self, method: str, url: str, data: bytes | None) -> str | None:
+        """After a 401/403: the first other scheme the server accepts, tried once each. Adopted
+        (and returned) when the config left `auth` out; named in the error when it chose one."""
+        for scheme in AUTH_SCHEMES:
+            if scheme == self.auth:
+                continue
+            headers = {"Accept": "application/json", **auth_headers(scheme, self.config.api_key)}
+            extra = {} if data is None else {"Content-Type": _JSON}
+            try:
+                async with self._session.request(
+                    method, url, data=data, headers={**headers, **extra}, timeout=self._timeout
+                ) as response:
+                    await response.read()
+                    accepted = response.status not in (401, 403)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return None  # the poll fails on its own request's answer
+            if not accepted:
+                continue
+            if self.config.auth is None:
+                log.info("%s: the upstream accepts auth: %s (detected)", self.name, scheme)
+                self.auth, self._headers = scheme, headers
+                return scheme
+            self._works = scheme
+            return None
+        self._works = ""
+        return None
+
+    def _auth_hint(self) -> str:
+        if self._works:
+            return (
+                f"the key is refused with auth: {self.auth} but accepted with auth: "
+                f"{self._works}: set `auth: {self._works}` on source {self.name}"
+            )
+        if self._works == "":
+            return f"the key is refused in every scheme ({', '.join(AUTH_SCHEMES)}): check api_key"
+        return "check api_key and the auth mode"
 
 
 def _why(reasons: Counter[str]) -> str:
@@ -355,12 +407,13 @@ def _code(payload: bytes) -> object:
 _JSON = "application/json"
 
 
-def _check_status(status: int, where: str) -> None:
+def _check_status(status: int, where: str, auth_hint: str = "") -> None:
     if status < 300:
         return
     if status in (401, 403):
         raise SourceError(
-            "auth_failed", f"{where} answered HTTP {status}: check api_key and the auth mode"
+            "auth_failed",
+            f"{where} answered HTTP {status}: " + (auth_hint or "check api_key and the auth mode"),
         )
     if status == 429:
         raise SourceError("rate_limited", f"{where} answered HTTP 429: too many requests")
