@@ -10,13 +10,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bridge import templates
-from bridge.models import EVENT_TYPES, Event, Task
+from bridge import models, templates
+from bridge.models import EVENT_TYPES, Event
 from bridge.suggest import suggest
 
-# Top-level task fields a `when` key may name without the `task.` prefix: the shared Task model
+# Top-level task fields a `when` key may name without the `task.` prefix: the documented ones
 # plus the extras the known upstreams send (trueai, new-api). `task.anything` reaches the rest.
-TASK_FIELDS: frozenset[str] = frozenset(Task.model_fields) | {
+TASK_FIELDS: frozenset[str] = frozenset(models.TASK_FIELDS) | {
     "botType", "realBotType", "mode", "requestMode", "seed", "seedError", "parentId", "userId",
     "nonce", "messageId", "messageIds", "instanceId", "promptFull", "imageUrls", "thumbnailUrl",
     "videoUrl", "videoUrls", "width", "height", "imageWidth", "imageHeight", "jobId", "version",

@@ -1,5 +1,6 @@
-"""The nouns every stage shares: the upstream Task, the Event the diff emits, the Delivery the rules
-make of it. pydantic only at the edge (Task, the upstream's JSON); frozen dataclasses inside.
+"""The nouns every stage shares: the upstream task's fields, the Event the diff emits, the Delivery
+the rules make of it. A task stays the upstream's JSON dict (normalize.py); frozen dataclasses
+inside.
 
 Pipeline: source -> snapshot -> diff -> events -> rules -> outbox -> targets.
 """
@@ -11,9 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 JSON = dict[str, Any]
 
@@ -72,42 +71,13 @@ def status_rank(status: str | None) -> int:
     return STATUS_RANK.get(status or "", 0)
 
 
-E = TypeVar("E", bound=StrEnum)
-# A known value becomes its enum member; an unknown one stays the string the upstream sent.
-Known = Annotated[E | str | None, Field(union_mode="left_to_right")]
-
-
-class Button(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    customId: str | None = None
-    emoji: str | None = None
-    label: str | None = None
-    style: int | None = None
-    type: int | None = None
-
-
-class Task(BaseModel):
-    """One task as the upstream serves it. Every field may be null or missing; unknown fields and
-    unknown status/action values are kept and passed on untouched (`model_dump` returns them)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    action: Known[Action] = None
-    status: Known[Status] = None
-    progress: str | None = None
-    prompt: str | None = None
-    promptEn: str | None = None
-    description: str | None = None
-    state: str | None = None
-    submitTime: int | None = None
-    startTime: int | None = None
-    finishTime: int | None = None
-    imageUrl: str | None = None
-    failReason: str | None = None
-    buttons: list[Button] | None = None
-    properties: dict[str, Any] | None = None
+# The fields of a task as the midjourney-proxy family documents them (docs reference, section 4).
+# Rows stay plain dicts (normalize.py): nothing is validated against this list; rules.py lets a
+# `when` key name these without the `task.` prefix. Unknown fields are kept and passed on.
+TASK_FIELDS: tuple[str, ...] = (
+    "id", "action", "status", "progress", "prompt", "promptEn", "description", "state",
+    "submitTime", "startTime", "finishTime", "imageUrl", "failReason", "buttons", "properties",
+)  # fmt: skip
 
 
 class EventType(StrEnum):
