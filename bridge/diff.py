@@ -81,7 +81,8 @@ _PROGRESS: dict[str, int] = {f"{i}%": i for i in range(101)} | {"": -1}
 
 
 def progress_value(progress: object) -> int:
-    """The upstream's progress as 0..100: "45%" -> 45, 45 -> 45; "", None or junk -> -1."""
+    """The upstream's progress as 0..100: "45%" -> 45, 45 -> 45; "", None or junk -> -1.
+    Total: no value raises (normalize.py drops non-finite progress as junk before the diff)."""
     if isinstance(progress, str):
         known = _PROGRESS.get(progress)
         if known is not None:
@@ -92,12 +93,15 @@ def progress_value(progress: object) -> int:
         except ValueError:
             return -1
     elif isinstance(progress, int | float) and not isinstance(progress, bool):
-        value = float(progress)
+        try:
+            value = float(progress)
+        except OverflowError:  # an int beyond float's range
+            return 100 if progress > 0 else -1
     else:
         return -1
     if value != value or value < 0:  # NaN or negative
         return -1
-    return min(int(value), 100)
+    return 100 if value >= 100 else int(value)  # inf included
 
 
 def _progress_text(progress: int) -> str:

@@ -110,6 +110,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.junk_rows = Counter(
+            "bridge_junk_rows",
+            "Upstream task rows the bridge could not use and skipped, by source and reason",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+
     def event(self, event: Event) -> None:
         self.events.labels(event.type, event.source).inc()
 
@@ -132,6 +139,10 @@ class Metrics:
     def set_targets(self, states: Mapping[str, TargetState]) -> None:
         for target, state in states.items():
             self.target_up.labels(target).set(1 if state.up else 0)
+
+    def junk(self, source: str, reasons: Mapping[str, int]) -> None:
+        for reason, count in reasons.items():
+            self.junk_rows.labels(source, reason).inc(count)
 
     def set_outbox(self, depth: dict[str, int], dead: dict[str, int], targets: list[str]) -> None:
         for target in targets:

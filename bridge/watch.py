@@ -7,22 +7,25 @@ snapshot -> diff -> (actions.py: seeds) -> rules -> one store transaction -> wak
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.actions import UpstreamActions
 from bridge.config import SourceConfig
-from bridge.diff import Snapshot, TaskState, diff
-from bridge.errors import SourceError
+from bridge.diff import DiffResult, Snapshot, TaskState, diff
+from bridge.errors import SourceError, StoreError
 from bridge.logs import fields
 from bridge.metrics import Metrics
 from bridge.models import Event
 from bridge.rules import Router
 from bridge.sources.health import SourceHealth
 from bridge.sources.modes import Reader
+from bridge.sources.normalize import unstorable
 from bridge.sources.poll import PollingSource
 from bridge.sources.probe import choose_reader
 from bridge.store import Store
@@ -118,6 +121,9 @@ class Watcher:
         self._fresh: set[str] = set()  # tracked ids never seen upstream yet
         self._open: set[str] = set()  # ids of the unfinished tasks, kept with `states`
         self.actions = UpstreamActions(config, source, clock)
+        self._internal_seen: str | None = None  # the last internal error logged with its trace
+        if metrics is not None:
+            source.on_junk = functools.partial(metrics.junk, config.name)
         # True while this process holds the source's lease and polls it (app.py); a replica that
         # does not still takes push callbacks and /track for it.
         self.leading = False
@@ -204,20 +210,38 @@ class Watcher:
         now = self.clock()
         silent = not self._seen and not self.config.backfill and snapshot.complete
         previous: Mapping[str, TaskState] = self.states
+        sighted: set[str] = set()
         if self._fresh:
             # A tracked id seen for the first time is new to the diff, so it emits its state.
             sighted = self._fresh.intersection(task["id"] for task in snapshot.tasks)
             if sighted:
                 previous = _Hiding(self.states, sighted)
                 self._fresh -= sighted
-        result = diff(
-            self.config.name,
-            previous,
-            snapshot,
-            now=now,
-            stall_after=self.config.stall_after,
-            silent=silent,
-        )
+
+        def run() -> DiffResult:
+            return diff(
+                self.config.name,
+                previous,
+                snapshot,
+                now=now,
+                stall_after=self.config.stall_after,
+                silent=silent,
+            )
+
+        result = run()
+        junk = _unstorable(result.events)
+        if junk:
+            # Rows the store cannot hold are junk like rows without an id: skipped (so no state
+            # moves past them), logged once, counted; a poll that met some concludes nothing
+            # missing. The next poll meets them again unless the upstream mends them.
+            self._junk(junk)
+            snapshot = Snapshot(
+                [task for task in snapshot.tasks if task["id"] not in junk],
+                frozenset(),
+                snapshot.complete,
+            )
+            self._fresh |= sighted & junk.keys()
+            result = run()
         events = [*extra, *result.events]
         if not result.changed and not events and self._seen:
             return []
@@ -238,12 +262,29 @@ class Watcher:
         self._count()
         return new
 
+    def _junk(self, junk: Mapping[str, str]) -> None:
+        reasons = Counter(junk.values())
+        if self.metrics is not None:
+            self.metrics.junk(self.config.name, reasons)
+        why = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+        log.warning(
+            "%s: %d unusable task row(s) (%s), skipped; no task is concluded missing from this "
+            "look",
+            self.config.name,
+            len(junk),
+            why,
+            extra=fields(source=self.config.name),
+        )
+
     async def push(self, tasks: list[dict[str, Any]]) -> list[Event]:
         """A push callback: a partial snapshot, diffed like a poll."""
         return await self.apply(Snapshot(tasks=tasks, complete=False))
 
     async def poll_once(self) -> list[Event]:
-        """One poll; a failure is recorded (and maybe becomes source.down), never raised."""
+        """One poll; a failure is recorded (and maybe becomes source.down), never raised. So is
+        an unexpected exception in reading, diffing or committing (reason `internal`, its
+        traceback logged once): one bad answer stops this source, never the bridge. Only a
+        StoreError (the store's own failure, for app.py to decide on) goes up."""
         await self.load()
         now = self.clock()
         started = time.perf_counter()
@@ -252,41 +293,72 @@ class Watcher:
             snapshot = await reader.read(self.unfinished(), self.states, now)
             self._noted(reader.note)
         except SourceError as exc:
-            if self.metrics is not None:
-                self.metrics.poll(self.config.name, time.perf_counter() - started, False)
-            self.status.last_error = f"{exc.reason}: {exc}"
-            self.status.last_error_at = now
-            # Loud once per outage (and when it turns into source.down); quiet while it lasts.
-            level = logging.WARNING if self.health.failures == 0 else logging.DEBUG
-            log.log(
-                level,
-                "%s: poll failed (%s): %s",
-                self.config.name,
-                exc.reason,
-                exc,
-                extra=fields(source=self.config.name),
-            )
-            down = self.health.failure(exc.reason, now, str(exc))
-            self.status.up = not self.health.down
-            if down is None:
-                return []
-            log.error(
-                "%s: source down after %d failed polls (%s)",
-                *self._outage(),
-                extra=fields(source=self.config.name),
-            )
-            self.reader = None  # probe again once it answers: it may be another server now
-            async with self._lock:
-                return await self.pipeline.publish(
-                    self.config.name, {}, [down], now=now, seen=self._seen
-                )
+            return await self._failed(exc, now, started)
+        except StoreError:
+            raise
+        except Exception as exc:
+            return await self._failed(self._internal("reading", exc), now, started)
+        try:
+            up = self.health.recovered(now)
+            new = await self._apply_loaded(snapshot, [up] if up is not None else [])
+        except StoreError:
+            raise
+        except Exception as exc:
+            return await self._failed(self._internal("storing", exc), now, started)
         if self.metrics is not None:
             self.metrics.poll(self.config.name, time.perf_counter() - started, True)
-        up = self.health.success(now)
+        self.health.success(now)
+        self._internal_seen = None
         self.status.up = True
         self.status.last_ok = now
         self.status.polls += 1
-        return await self._apply_loaded(snapshot, [up] if up is not None else [])
+        return new
+
+    def _internal(self, stage: str, exc: Exception) -> SourceError:
+        """An unexpected exception as this source's failure; its traceback is logged once (again
+        only when a different one comes)."""
+        text = self.source.redact(f"{type(exc).__name__}: {exc}")[:300]
+        if text != self._internal_seen:
+            self._internal_seen = text
+            log.error(
+                "%s: internal error while %s the upstream's answer; the source counts it as a "
+                "failed poll",
+                self.config.name,
+                stage,
+                exc_info=exc,
+                extra=fields(source=self.config.name),
+            )
+        return SourceError("internal", f"internal error while {stage} the answer: {text}")
+
+    async def _failed(self, exc: SourceError, now: float, started: float) -> list[Event]:
+        if self.metrics is not None:
+            self.metrics.poll(self.config.name, time.perf_counter() - started, False)
+        self.status.last_error = f"{exc.reason}: {exc}"
+        self.status.last_error_at = now
+        # Loud once per outage (and when it turns into source.down); quiet while it lasts.
+        level = logging.WARNING if self.health.failures == 0 else logging.DEBUG
+        log.log(
+            level,
+            "%s: poll failed (%s): %s",
+            self.config.name,
+            exc.reason,
+            exc,
+            extra=fields(source=self.config.name),
+        )
+        down = self.health.failure(exc.reason, now, str(exc))
+        self.status.up = not self.health.down
+        if down is None:
+            return []
+        log.error(
+            "%s: source down after %d failed polls (%s)",
+            *self._outage(),
+            extra=fields(source=self.config.name),
+        )
+        self.reader = None  # probe again once it answers: it may be another server now
+        async with self._lock:
+            return await self.pipeline.publish(
+                self.config.name, {}, [down], now=now, seen=self._seen
+            )
 
     async def run(self) -> None:
         """Poll until cancelled, pacing by subtracting the work time from the sleep. A run is a
@@ -326,6 +398,15 @@ class Watcher:
     def _count(self) -> None:
         self.status.tracked = len(self.states)
         self.status.unfinished = len(self._open)
+
+
+def _unstorable(events: Sequence[Event]) -> dict[str, str]:
+    """The task ids among these events whose task cannot be stored, and why."""
+    junk: dict[str, str] = {}
+    for event in events:
+        if event.task is not None and (why := unstorable(event.task)) is not None:
+            junk[event.subject] = why
+    return junk
 
 
 def _placeholder(state: TaskState) -> bool:

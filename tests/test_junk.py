@@ -246,11 +246,11 @@ async def test_some_junk_is_used_logged_once_per_poll_and_concludes_nothing(
         assert "task.succeeded" in r.types(newer)
         assert all("task.vanished" not in types for types in emitted)
         assert r.watcher.status.up
-        lines = [rec for rec in caplog.records if "without a usable id" in rec.getMessage()]
+        lines = [rec for rec in caplog.records if "unusable task row(s)" in rec.getMessage()]
         assert len(lines) == 4  # one warning line per poll, however many requests met junk
         message = lines[0].getMessage()
         # The running task's row, {"foo": 1} and {"id": null}, in the list and in its lookup.
-        assert "6 task row(s) without a usable id (no id: 6)" in message
+        assert "6 unusable task row(s) (no id: 6)" in message
         assert "/mj/task/list, POST" in message  # two requests met junk: still one line
         assert "no task is concluded missing" in message
         assert KEY not in caplog.text

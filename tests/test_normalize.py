@@ -15,6 +15,7 @@ from bridge.sources.normalize import (
     normalize_tasks,
     parse_task_list,
     parse_tasks,
+    unstorable,
 )
 
 NZ_FAILURE: dict[str, Any] = {
@@ -90,6 +91,40 @@ def test_tasks_without_a_usable_id_are_dropped_with_a_reason(
     assert result.tasks == [good]
     assert result.dropped == [Dropped(0, reason)]
     assert parse_tasks(orjson.dumps([raw, good])).dropped == [Dropped(0, reason)]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ({"id": "1", "progress": "Infinity%"}, "progress is not a finite number"),
+        ({"id": "1", "progress": "inf"}, "progress is not a finite number"),
+        ({"id": "1", "progress": "1e999"}, "progress is not a finite number"),
+        ({"id": "1", "progress": "-Infinity"}, "progress is not a finite number"),
+        ({"id": "1", "progress": " NaN %"}, "progress is not a finite number"),
+        ({"id": "7" * 257, "status": "SUCCESS"}, "id longer than 256 characters"),
+    ],
+    ids=["Infinity%", "inf", "1e999", "-Infinity", "NaN", "long id"],
+)
+def test_rows_the_bridge_cannot_rank_are_dropped(raw: dict[str, Any], reason: str) -> None:
+    good = {"id": "2", "status": "SUCCESS", "progress": "100%"}
+    result = normalize_tasks([dict(raw), dict(good)])
+    assert result.tasks == [good]
+    assert result.dropped == [Dropped(0, reason)]
+    assert parse_tasks(orjson.dumps([raw, good])).dropped == [Dropped(0, reason)]
+
+
+def test_odd_but_finite_progress_is_kept() -> None:
+    rows = [{"id": str(i), "progress": p} for i, p in enumerate(["abc", None, 45, 1e300, "250%"])]
+    assert len(normalize_tasks(rows).tasks) == 5
+
+
+def test_unstorable_tasks() -> None:
+    nested: Any = 1
+    for _ in range(260):
+        nested = {"a": nested}
+    assert unstorable({"id": "1", "properties": nested}) == "nested deeper than 252 levels"
+    assert unstorable({"id": "1", "prompt": "a" * 2_000_000}) == "larger than 1024 KiB as JSON"
+    assert unstorable(dict(NZ_FAILURE)) is None
 
 
 def test_normalize_tasks_drops_items_that_are_not_objects() -> None:

@@ -136,7 +136,7 @@ async def test_a_list_of_junk_rows_is_a_bad_payload_not_an_empty_list(
 ) -> None:
     upstream.tasks = [mj_task("1", "IN_PROGRESS", "10%")]
     upstream.fault = "junk"
-    with pytest.raises(SourceError, match=r"none of the 2 rows is a task with a usable id") as e:
+    with pytest.raises(SourceError, match=r"none of the 2 rows is a usable task") as e:
         await source(upstream.url, session).poll(tracked_unfinished=["1"])
     assert e.value.reason == "bad_payload"
     assert "no id: 2" in str(e.value)
@@ -154,7 +154,7 @@ async def test_a_list_with_some_junk_is_used_but_concludes_nothing_missing(
     assert src.dropped == 1
     assert ("POST", "/mj/task/list-by-condition") in [r[:2] for r in upstream.requests]
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert line.startswith("mj: 1 task row(s) without a usable id (no id: 1) from GET ")
+    assert line.startswith("mj: 1 unusable task row(s) (no id: 1) from GET ")
     assert "no task is concluded missing" in line
 
 
@@ -236,10 +236,11 @@ async def test_capped_list_looks_up_missing_ids_in_batches_of_100(
     assert snapshot.missing == frozenset({"gone1", "gone2"})
 
 
-async def test_fetch_ids(upstream: Upstream, session: aiohttp.ClientSession) -> None:
+async def test_lookup(upstream: Upstream, session: aiohttp.ClientSession) -> None:
     upstream.tasks = [mj_task(str(i)) for i in range(150)]
-    found = await source(upstream.url, session).fetch_ids([str(i) for i in range(140, 160)] * 2)
+    found, gone = await source(upstream.url, session).lookup([str(i) for i in range(140, 160)] * 2)
     assert [t["id"] for t in found] == [str(i) for i in range(140, 150)]
+    assert gone == {str(i) for i in range(150, 160)}
     posts = [body["ids"] for method, _, _, body in upstream.requests if method == "POST"]
     assert posts == [[str(i) for i in range(140, 160)]]
 
@@ -257,7 +258,7 @@ async def test_lookup_keeps_only_the_ids_asked_for(
         return web.json_response(upstream.tasks)
 
     upstream.by_ids = everything  # type: ignore[method-assign]
-    found = await source(upstream.url, session).fetch_ids(["a"])
+    found, _ = await source(upstream.url, session).lookup(["a"])
     assert [t["id"] for t in found] == ["a"]
 
 
@@ -473,8 +474,7 @@ class Watch:
         unfinished = [tid for tid, s in self.states.items() if not s.finished]
         if self.by_ids:
             ids = list(dict.fromkeys([*unfinished, *known]))
-            found = await self.src.fetch_ids(ids)
-            gone = frozenset(ids) - {t["id"] for t in found}
+            found, gone = await self.src.lookup(ids)
             snapshot = Snapshot(found, gone, complete=False)
         else:
             snapshot = await self.src.poll(unfinished)
@@ -629,7 +629,7 @@ async def test_simulated_wrong_key_is_auth_failed(
 ) -> None:
     src = source(sim.url, session, auth=AUTH_OF[sim.flavor], api_key="sk-wrong-key")
     with pytest.raises(SourceError) as caught:
-        await src.fetch_ids(["1"])
+        await src.lookup(["1"])
     assert caught.value.reason == "auth_failed"
     assert "sk-wrong-key" not in str(caught.value)
 

@@ -52,11 +52,17 @@ class SourceHealth:
 
     def success(self, now: float) -> Event | None:
         """Record a good poll; `source.up` when the source was down."""
-        was_down, since = self.down, self.since
+        up = self.recovered(now)
         self.failures, self.since, self.down = 0, None, False
         self.reason = self.message = None
-        if not was_down or since is None:
+        return up
+
+    def recovered(self, now: float) -> Event | None:
+        """The `source.up` a good poll now would emit, without recording the poll (the watcher
+        records it once the poll's changes are committed)."""
+        if not self.down or self.since is None:
             return None
+        since = self.since
         data = {"since": iso(datetime.fromtimestamp(since, UTC)), "down_for": round(now - since, 3)}
         return self._event(EventType.SOURCE_UP.value, now, data, since)
 

@@ -5,10 +5,15 @@ The quirks of the real servers (docs reference, sections 4 and 5), and what happ
 
 - `status: null` (and a fresh new-api row's `""`) becomes `""`, which ranks as NOT_START; a status
   that is not a string (never seen, but cheap to survive) becomes its text.
-- A numeric `id` becomes its text; a task without a usable id is dropped with a reason (what a
-  drop means for a poll, a lookup and the probe is poll.py's call: never "the task is gone").
+- A numeric `id` becomes its text; a task without a usable id (none, empty, not a string or number,
+  longer than MAX_ID_CHARS) is dropped with a reason (what a drop means for a poll, a lookup and
+  the probe is poll.py's call: never "the task is gone").
 - `progress` stays as sent: FAILURE `""` (midjourney-proxy) and FAILURE `"100%"` (new-api) never
-  produce progress events because the diff reads progress only while IN_PROGRESS.
+  produce progress events because the diff reads progress only while IN_PROGRESS. A progress that
+  is a number but not a finite one (`"Infinity%"`, `"1e999"`, `"nan"`) drops the row: no rank of
+  the task can be trusted from it.
+- `unstorable()` says why a task that is about to become an event cannot be stored or sent
+  (nested deeper than MAX_DEPTH, larger than MAX_TASK_BYTES); the watcher drops such rows too.
 - `imageUrl` stays as sent (previews while running, new-api's `?rand=<ns>`); the diff never compares
   it, nor buttons, properties or any unknown field, which are all kept untouched.
 
@@ -17,6 +22,7 @@ Normalisation works in place on the freshly parsed dicts: no task is copied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +37,14 @@ __all__ = [
     "normalize_tasks",
     "parse_task_list",
     "parse_tasks",
+    "unstorable",
 ]
+
+MAX_ID_CHARS = 256  # real ids are 16-19 digits (midjourney-proxy) or a short prefixed token
+# orjson encodes at most 254 levels, and an event wraps its task in two more (`data.task`).
+MAX_DEPTH = 252
+MAX_TASK_BYTES = 1024 * 1024  # one task as JSON; real ones are a few KiB
+_FINE_PROGRESS = frozenset({*(f"{i}%" for i in range(101)), ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +123,8 @@ def _unusable_id(task: dict[str, Any]) -> str | None:
     """Fixes a numeric id in place; returns why the id is unusable, or None when it is fine."""
     tid = task.get("id")
     if isinstance(tid, str):
+        if len(tid) > MAX_ID_CHARS:
+            return f"id longer than {MAX_ID_CHARS} characters"
         return None if tid else "empty id"
     if isinstance(tid, int) and not isinstance(tid, bool):
         task["id"] = str(tid)
@@ -119,9 +134,25 @@ def _unusable_id(task: dict[str, Any]) -> str | None:
     return f"id is a JSON {_kind(tid)}"
 
 
+def _bad_progress(progress: object) -> str | None:
+    """Why the progress cannot be read as a rank of the task, or None (junk text such as "abc"
+    is simply unknown progress; a number that is not finite is junk)."""
+    if isinstance(progress, float):
+        value = progress
+    elif isinstance(progress, str):
+        try:
+            value = float(progress.strip().removesuffix("%"))
+        except ValueError:
+            return None
+    else:
+        return None
+    return None if math.isfinite(value) else "progress is not a finite number"
+
+
 def normalize_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Normalise one task in place and return it; ValueError(reason) when it has no usable id."""
-    reason = _unusable_id(task)
+    """Normalise one task in place and return it; ValueError(reason) when it has no usable id
+    or a progress that is not a finite number."""
+    reason = _unusable_id(task) or _bad_progress(task.get("progress"))
     if reason is not None:
         raise ValueError(reason)
     status = task.get("status")
@@ -137,10 +168,19 @@ def normalize_tasks(items: list[Any], *, strict: bool = False) -> Normalized:
     dropped: list[Dropped] = []
     append = tasks.append
     for index, task in enumerate(items):
-        # Fast path, the shape of nearly every task: a dict with a str id and a str status.
+        # Fast path, the shape of nearly every task: a dict with a str id, a str status and a
+        # progress such as "45%".
         if type(task) is dict:
             tid = task.get("id")
-            if type(tid) is str and tid and type(task.get("status")) is str:
+            progress = task.get("progress")
+            if (
+                type(tid) is str
+                and tid
+                and len(tid) <= MAX_ID_CHARS
+                and type(task.get("status")) is str
+                and type(progress) is str
+                and progress in _FINE_PROGRESS
+            ):
                 append(task)
                 continue
             try:
@@ -152,3 +192,16 @@ def normalize_tasks(items: list[Any], *, strict: bool = False) -> Normalized:
         else:
             dropped.append(Dropped(index, f"item is a JSON {_kind(task)}, not an object"))
     return Normalized(tasks, dropped)
+
+
+def unstorable(task: dict[str, Any]) -> str | None:
+    """Why this task cannot be stored and sent as an event's `data.task`, or None. Run on the
+    tasks that become events only (a few per poll), not on every row: it encodes the task."""
+    try:
+        # Wrapped as the event wraps it, so the store's encoding of the event cannot fail.
+        size = len(orjson.dumps({"data": {"task": task}}))
+    except TypeError:  # orjson's recursion limit, or a value it cannot encode
+        return f"nested deeper than {MAX_DEPTH} levels"
+    if size > MAX_TASK_BYTES:
+        return f"larger than {MAX_TASK_BYTES // 1024} KiB as JSON"
+    return None

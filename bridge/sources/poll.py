@@ -7,17 +7,18 @@ tracked unfinished task the list did not contain (capped lists such as trueai's 
 batches of at most 100 ids. What that lookup does not find goes to `Snapshot.missing`; the diff
 decides when it has vanished. Nothing is concluded from a failed request: the poll fails instead.
 
-Rows without a usable id (`{"id": null}`, `{"foo": 1}`) are junk, not tasks. An answer of junk
-only is a bad payload (UnusableRows): the poll fails and counts towards source.down. An answer with
-some junk is used, but a poll that met any (its `Look`) concludes nothing missing, since the junk
-may be the very tasks it looked for; its junk is logged once, in one warning line.
+Rows without a usable id (`{"id": null}`, `{"foo": 1}`) or with a progress that is not a finite
+number are junk, not tasks (normalize.py). An answer of junk only is a bad payload
+(UnusableRows): the poll fails and counts towards source.down. An answer with some junk is used,
+but a poll that met any (its `Look`) concludes nothing missing, since the junk may be the very
+tasks it looked for; its junk is logged once, in one warning line and counted in metrics.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ class Look:
             self.where.append(where)
 
     def describe(self) -> str:
-        return f"{self.junk} task row(s) without a usable id ({_why(self.reasons)}) from " + (
+        return f"{self.junk} unusable task row(s) ({_why(self.reasons)}) from " + (
             ", ".join(self.where)
         )
 
@@ -115,13 +116,19 @@ class PollingSource:
         self._works: str | None = None  # the scheme found to work when another is configured
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([config.api_key] if config.api_key else [])
-        self.dropped = 0  # rows without a usable id met by the last poll (for metrics, tests)
+        self.dropped = 0  # unusable rows met by the last poll (for tests)
+        # Called with the reasons of the unusable rows of each read that met some (metrics).
+        self.on_junk: Callable[[Counter[str]], None] | None = None
         self.list_size: int | None = None  # tasks in the last whole /mj/task/list read
 
     @property
     def session(self) -> aiohttp.ClientSession:
         """The shared session (the pass-through forwards client requests through it)."""
         return self._session
+
+    def redact(self, text: str) -> str:
+        """`text` with this source's key taken out (for messages built outside this module)."""
+        return self._redact(text)
 
     @contextmanager
     def look(self) -> Iterator[Look]:
@@ -140,6 +147,8 @@ class PollingSource:
             _LOOK.reset(token)
         self.dropped = look.junk
         if look.junk:
+            if self.on_junk is not None:
+                self.on_junk(look.reasons)
             log.warning(
                 "%s: %s; no task is concluded missing from this poll",
                 self.name,
@@ -164,11 +173,6 @@ class PollingSource:
     async def check_lookup(self) -> Normalized:
         """An empty list-by-condition: proves the endpoint answers when nothing is tracked."""
         return await self._request("POST", _BY_IDS, {"ids": []})
-
-    async def fetch_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The tasks with these ids (unknown ids are simply not in the result)."""
-        with self.look():
-            return await self._lookup(list(dict.fromkeys(ids)))
 
     async def _lookup(self, ids: list[str]) -> list[dict[str, Any]]:
         wanted = set(ids)
@@ -284,7 +288,7 @@ class PollingSource:
             if not result.tasks:
                 reasons = Counter(d.reason for d in result.dropped)
                 raise UnusableRows(
-                    f"{where}: none of the {len(result.dropped)} rows is a task with a usable id "
+                    f"{where}: none of the {len(result.dropped)} rows is a usable task "
                     f"({_why(reasons)})"
                 )
             look = _LOOK.get()

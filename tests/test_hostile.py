@@ -1,0 +1,151 @@
+"""A hostile upstream against a real `bridge run` process: rows the bridge cannot handle are
+skipped as junk (logged, counted), never the end of the process; the other source and the
+deliveries go on, and SIGTERM still stops it cleanly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bridge.config import Config
+from bridge.metrics import Metrics
+from bridge.models import Delivery, Event
+from bridge.rules import Router
+from bridge.simulator import Simulator
+from bridge.sources.poll import PollingSource
+from bridge.store import Store
+from bridge.watch import Pipeline, Watcher
+from tests.hostile import HostileUpstream, deep
+from tests.process import BridgeProcess
+from tests.receiver import Receiver
+
+GOOD = {"id": "good-1", "status": "SUCCESS", "progress": "100%", "prompt": "a calm sea"}
+JUNK = [
+    {"id": "inf-1", "status": "IN_PROGRESS", "progress": "Infinity%"},
+    {"id": "inf-2", "status": "IN_PROGRESS", "progress": "inf"},
+    {"id": "inf-3", "status": "IN_PROGRESS", "progress": "1e999"},
+    {"id": "nan-1", "status": "IN_PROGRESS", "progress": "nan%"},
+    {"id": "deep-1", "status": "SUCCESS", "progress": "100%", "properties": deep(300)},
+    {"id": "x" * 300, "status": "SUCCESS", "progress": "100%"},
+    {"id": "huge-1", "status": "SUCCESS", "progress": "100%", "prompt": "a" * 2_000_000},
+]
+
+
+def config(up: HostileUpstream, sim: Simulator, rx: Receiver, **bad: str) -> str:
+    extra = "".join(f"\n    {k}: {v}" for k, v in bad.items())
+    return f"""
+sources:
+  - name: bad
+    base_url: {up.url}
+    auth: none
+    mode: list
+    poll_interval: 100ms
+    backfill: true{extra}
+  - name: sim
+    base_url: {sim.url}
+    api_key: k
+    auth: mj-api-secret
+    poll_interval: 100ms
+targets:
+  hook:
+    webhook: {rx.url}/events
+rules:
+  - name: all
+    on: "task.*"
+    to: hook
+server:
+  listen: 127.0.0.1:0
+"""
+
+
+def delivered(rx: Receiver) -> set[tuple[str, str]]:
+    return {(r.json()["subject"], r.json()["type"]) for r in rx.requests}
+
+
+async def test_rows_the_bridge_cannot_handle_are_junk_not_the_end(tmp_path: Path) -> None:
+    async with (
+        HostileUpstream() as up,
+        Simulator("midjourney-proxy", api_key="k") as sim,
+        Receiver() as rx,
+        aiohttp.ClientSession() as http,
+    ):
+        up.rows = [*JUNK, GOOD]
+        async with BridgeProcess(tmp_path, config(up, sim, rx)) as bridge:
+            url = await bridge.serving()
+            await rx.wait_for(1)
+            await up.wait_lists(up.lists + 5)  # five more polls of the hostile rows
+            tid = sim.add_task("a lighthouse", outcome="success", steps=1)
+            sim.tick(3)
+            await rx.wait_for(2)
+            line = await bridge.wait_log(r"bad: \d+ unusable task row")
+            assert bridge.alive, bridge.log
+            async with http.get(url + "/metrics") as resp:
+                metrics = await resp.text()
+            async with http.get(url + "/healthz") as resp:
+                assert resp.status == 200
+            assert await bridge.stop() == 0, bridge.log
+        assert ("good-1", "task.succeeded") in delivered(rx)
+        assert (tid, "task.succeeded") in delivered(rx)
+        junk_ids = {str(row["id"]) for row in JUNK}
+        assert not {subject for subject, _ in delivered(rx)} & junk_ids
+        assert "progress is not a finite number: 4" in line
+        assert "Traceback" not in bridge.log
+        for reason in (
+            "progress is not a finite number",
+            "nested deeper than 252 levels",
+            "id longer than 256 characters",
+            "larger than 1024 KiB as JSON",
+        ):
+            assert f'reason="{reason}",source="bad"' in metrics, reason
+
+
+class Exploding(Router):
+    """A router with a bug that only one task's events trigger: the unexpected exception."""
+
+    def route(self, events: Sequence[Event], now: float | None = None) -> list[Delivery]:
+        if any(e.subject == "boom" for e in events):
+            raise RuntimeError("a bug met task boom")
+        return super().route(events, now)
+
+
+async def test_an_unexpected_exception_is_the_sources_failure(
+    tmp_path: Path, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "bridge")
+    async with HostileUpstream() as up:
+        up.rows = [GOOD, {"id": "boom", "status": "SUBMITTED", "progress": ""}]
+        config = Config.model_validate(
+            {
+                "sources": [
+                    {
+                        "name": "bad",
+                        "base_url": up.url,
+                        "auth": "none",
+                        "mode": "list",
+                        "backfill": True,
+                    }
+                ],
+                "targets": {"hook": {"webhook": "http://127.0.0.1:9/unused"}},
+                "rules": [{"name": "all", "on": "*", "to": "hook"}],
+            }
+        )
+        async with await Store.open(str(tmp_path / "b.db")) as store:
+            events: list[Event] = []
+            pipeline = Pipeline(store, Exploding(config), lambda: None, [events.append])
+            src = config.sources[0]
+            metrics = Metrics()
+            watcher = Watcher(src, PollingSource(src, session), pipeline, metrics=metrics)
+            for _ in range(4):
+                await watcher.poll_once()
+            assert [e.type for e in events] == ["source.down"]
+            assert events[0].data["reason"] == "internal"
+            assert "RuntimeError: a bug met task boom" in events[0].data["message"]
+            traces = [r for r in caplog.records if r.exc_info and "internal error" in r.message]
+            assert len(traces) == 1
+            up.rows = [GOOD]  # the upstream mends the row: the source is up again
+            await watcher.poll_once()
+            assert [e.type for e in events] == ["source.down", "source.up", "task.succeeded"]
