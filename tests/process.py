@@ -62,7 +62,7 @@ class BridgeProcess:
         async for raw in self.proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            if not self.url and (m := re.search(r"serving on (http://\S+)", line)):
+            if not self.url and (m := re.search(r"listening on (http://\S+)", line)):
                 self.url = m[1]
             self._changed.set()
         self._changed.set()
@@ -80,7 +80,7 @@ class BridgeProcess:
                 await self._changed.wait()
 
     async def serving(self) -> str:
-        await self.wait_log(r"serving on http://")
+        await self.wait_log(r"listening on http://")
         return self.url
 
     @property
