@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint browser promtool bench clean
+.PHONY: demo test lint browser promtool bench clean constraints
 
-$(VENV): pyproject.toml
+$(VENV): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(VENV)
 
 demo: $(VENV)
@@ -36,3 +36,18 @@ bench: $(VENV)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# -- pinned versions (constraints.txt) -------------------------------------------------------------
+# constraints.txt pins every package `make test` (so CI) and the Dockerfile install. Refresh it after
+# changing a range in pyproject.toml, or to take newer releases: a fresh venv gets the newest
+# versions the ranges allow, and its `pip freeze` becomes the file. Then run `make test`.
+constraints:
+	rm -rf .constraints-venv build
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install -q --upgrade pip
+	.constraints-venv/bin/pip install -q '.[dev]'
+	{ echo "# The exact versions that \`make test\` (and so CI) and the Dockerfile install: pip install -c constraints.txt."; \
+	  echo "# Written by \`make constraints\` (pip freeze of a fresh venv with '.[dev]' installed); don't edit by hand."; \
+	  .constraints-venv/bin/pip freeze --exclude mj-bridge; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .constraints-venv build
