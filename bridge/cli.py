@@ -267,7 +267,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "track":
             from bridge.commands import track_command
 
-            config = load_config(args.config)
+            # Only what track needs: another target's unset ${SECRET} does not stop it.
+            config = load_config(args.config, sections=("sources", "server"))
             return asyncio.run(track_command(config, args.db, args.source, args.ids))
         case "hash-password":
             from bridge.commands import hash_password_command

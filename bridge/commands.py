@@ -21,8 +21,11 @@ __all__ = ["hash_password_command", "track_command"]
 # -- bridge track SOURCE ID... --------------------------------------------------------------------
 
 
-async def _via_server(config: Config, source: SourceConfig, ids: list[str]) -> int | None:
-    """Hand the ids to a running bridge; None when none answers (then the store is written)."""
+async def _via_server(
+    config: Config, source: SourceConfig, ids: list[str]
+) -> tuple[int, int] | None:
+    """Hand the ids to a running bridge: (newly followed, already followed), or None when none
+    answers (then the store is written)."""
     if config.server is None or not source.push_token:
         return None
     listen = config.server.listen
@@ -38,7 +41,7 @@ async def _via_server(config: Config, source: SourceConfig, ids: list[str]) -> i
             data = await response.json(content_type=None)
             if response.status != 200 or not isinstance(data, dict):
                 return None
-            return int(data.get("tracked", 0))
+            return int(data.get("tracked", 0)), int(data.get("known", 0))
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
         return None
 
@@ -53,26 +56,36 @@ async def track_command(config: Config, db: str, source: str, ids: list[str]) ->
         names = ", ".join(s.name for s in config.sources) or "none"
         print(f"bridge track: unknown source {source!r} (sources: {names})", file=sys.stderr)
         return 2
-    wanted = [i.strip() for i in ids if i.strip()]
+    wanted = list(dict.fromkeys(i.strip() for i in ids if i.strip()))
     if not wanted:
         print("bridge track: give at least one task id", file=sys.stderr)
         return 2
     live = await _via_server(config, found, wanted)
     if live is not None:
-        print(f"{source}: the running bridge now follows {live} new task id(s)")
+        added, known = live
+        if not added:
+            print(f"{source}: already followed by the running bridge ({known} task id(s)); "
+                  "nothing changed")  # fmt: skip
+        else:
+            also = f"; {known} already followed" if known else ""
+            print(f"{source}: the running bridge now follows {added} new task id(s){also}")
         return 0
     store = await Store.open(db)
     try:
-        known = await store.load_tasks(source)
+        known_ids = await store.load_tasks(source)
         now = time.time()
-        new = {tid: TaskState("", -1, now) for tid in dict.fromkeys(wanted) if tid not in known}
+        new = {tid: TaskState("", -1, now) for tid in wanted if tid not in known_ids}
         if new:
             await store.commit(source, new, [], [], seen=False)
     finally:
         await store.close()
+    if not new:
+        print(f"{source}: already followed ({len(wanted)} task id(s) known); nothing stored")
+        return 0
+    also = f"; {len(wanted) - len(new)} already followed" if len(new) < len(wanted) else ""
     print(
-        f"{source}: {len(new)} new task id(s) stored ({len(wanted) - len(new)} already known); "
-        "the bridge polling this source follows them from its next poll"
+        f"{source}: {len(new)} new task id(s) stored{also}; the bridge polling this source "
+        "follows them from its next poll"
     )
     return 0
 

@@ -220,6 +220,11 @@ async def test_bridge_track_command_stores_ids_for_the_next_start(
         assert await track_command(config, str(db), "nope", [tid]) == 2
         assert await track_command(config, str(db), "relay", [tid, " "]) == 0
         assert "1 new task id(s) stored" in capsys.readouterr().out
+        assert await track_command(config, str(db), "relay", [tid]) == 0
+        assert (
+            capsys.readouterr().out
+            == "relay: already followed (1 task id(s) known); nothing stored\n"
+        )
         store = await Store.open(str(db))
         try:
             assert tid in await store.load_tasks("relay")

@@ -946,3 +946,30 @@ async def test_serve_prints_url_and_serves(
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
+
+
+@pytest.mark.parametrize("flavor", ["midjourney-proxy", "nz", "trueai", "new-api"])
+async def test_the_banner_curl_answers_task_json(
+    capsys: pytest.CaptureFixture[str], session: aiohttp.ClientSession, flavor: str
+) -> None:
+    """The command the banner suggests works as printed on every flavour (new-api answers its
+    web page at /mj/task/list, so it suggests fetching a task by id)."""
+    running = asyncio.create_task(serve(0, flavor, 3, KEY))
+    try:
+        async with asyncio.timeout(10):
+            out = ""
+            while "try: curl" not in out:
+                await asyncio.sleep(0.01)
+                out += capsys.readouterr().out
+        match = re.search(r"try: curl -H '([^:]+): ([^']+)' (\S+)", out)
+        assert match is not None, out
+        headers = {match[1]: match[2]}
+        async with session.get(match[3], headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "application/json"
+            body = await resp.json()
+        assert body["id"] if isinstance(body, dict) else len(body) >= 3
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running

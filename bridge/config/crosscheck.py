@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from bridge.config.document import Document, Loc, dotted
 from bridge.config.schema import RuleConfig
 from bridge.rules import RuleIssue, compile_rule
-from bridge.suggest import SCHEME_MEANINGS, suggest
+from bridge.suggest import SCHEME_MEANINGS, closest
 
 
 def check_unique(doc: Document, raw: dict[str, Any], section: str) -> None:
@@ -52,9 +52,8 @@ class _ThreadFilter(logging.Filter):
 def _scheme_hint(scheme: str, schemes: Any) -> str:
     if scheme.lower() in ("http", "https"):
         return " (for a plain HTTP endpoint write webhook: URL instead of an apprise URL)"
-    return suggest(scheme.lower(), sorted(schemes.schemas()), SCHEME_MEANINGS).replace(
-        "?)", "://?)"
-    )
+    found = closest(scheme.lower(), sorted(schemes.schemas()), SCHEME_MEANINGS)
+    return f" (did you mean '{found}://'?)" if found else ""
 
 
 def apprise_problem(url: str) -> str | None:

@@ -185,6 +185,12 @@ class Document:
             return None
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node, loc)
+        if isinstance(node, yaml.MappingNode) and self.text.startswith("{{", node.start_mark.index):
+            # `title: {{ task.action }}` is a mapping in a mapping to YAML: a template unquoted.
+            self.add_unread(node, node, f"{dotted(loc)}: a template at the start of a value "
+                            "is read as a mapping: put the whole value in quotes, e.g. "
+                            "title: \"{{ task.action }} failed\"")  # fmt: skip
+            return None
         self._open.add(id(node))
         try:
             if isinstance(node, yaml.MappingNode):
@@ -265,9 +271,6 @@ class Document:
         from bridge.config.schema import shown
 
         message = problem.message
-        original = self.from_env.get((problem.line, problem.column))
-        if original and problem not in self.primary and original not in message:
-            message += f" (the value comes from {shown(original)[1:-1]})"
 
         for value in sorted(self.hidden, key=len, reverse=True):
             name = self.hidden[value]
@@ -275,4 +278,7 @@ class Document:
             message = message.replace(f"'{value}'", f"'{name}'").replace(f'"{value}"', f'"{name}"')
             if len(value) >= 6:  # shorter ones would match ordinary words of a message
                 message = message.replace(value, name)
+        original = self.from_env.get((problem.line, problem.column))
+        if original and problem not in self.primary and shown(original)[1:-1] not in message:
+            message += f" (the value comes from {shown(original)[1:-1]})"
         return Problem(problem.file, problem.line, problem.column, message)

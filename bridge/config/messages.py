@@ -99,6 +99,13 @@ def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
             pass
         else:
             hint = _INDENT
+    elif "could not find expected ':'" in problem:
+        if found := _missing_space(doc.text, line) or _missing_space(doc.text, line - 1):
+            line, column, key = found[0] - 1, found[1] - 1, found[2]
+            hint = f"put a space after ':' (write {key}: value)"
+        else:
+            hint = ("a key here has no ':' after it (write key: value), or a value runs onto "
+                    f"the next line: {_QUOTE}")  # fmt: skip
     elif "found unhashable key" in problem:
         hint = _value_hint(_value_at(doc.text, line) or "{{")
     elif "expected <block end>" in problem or "expected <document start>" in problem:
@@ -115,7 +122,7 @@ def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
 
 _INDENT = (
     "the indentation does not line up: indent this line with spaces exactly like the other keys "
-    "of its block (keys of one rule line up under its name:)"
+    "of its block (the keys of one rule line up under its name:)"
 )
 
 
@@ -126,41 +133,49 @@ def _value_at(text: str, line: int) -> str | None:
 
 # --- values the schema refuses --------------------------------------------------------------------
 
-# What a valid value of a named field looks like, for the type errors pydantic reports.
+# What a valid value of a named field looks like, after pydantic's "expected ..." for its type.
 EXAMPLES: dict[str, str] = {
-    "listen": "'127.0.0.1:8787', or ':8787' for every interface",
-    "name": "a name such as my-source (lowercase letters, digits, _ and -)",
-    "base_url": "https://mj.example.com",
-    "api_key": "${MJ_API_KEY}",
-    "to": "a target name or a list: [team-slack, pipeline]",
-    "on": "an event type or a list: [task.failed, task.succeeded]",
-    "when": "a mapping of field: value, such as {action: IMAGINE}",
-    "by": "a list of fields such as [source, action]",
-    "headers": "a mapping such as {X-Team: art}",
-    "enrich": "a list such as [seed]",
-    "max_attempts": "a whole number such as 8",
-    "concurrency": "a whole number from 1 to 64, such as 4",
-    "max_image_bytes": "a size such as 8MiB",
-    "sources": "a list of sources, each starting with '- name:'",
-    "targets": "a mapping of target names to targets",
-    "rules": "a list of rules, each starting with '- name:'",
-    "server": "a mapping such as {listen: '127.0.0.1:8787'}",
+    "name": ", such as my-source",
+    "base_url": ", such as https://mj.example.com",
+    "api_key": ", such as ${MJ_API_KEY}",
+    "to": " (a target's name, or a list such as [team-slack, pipeline])",
+    "on": " (an event type, or a list such as [task.failed, task.succeeded])",
+    "when": ", such as {action: IMAGINE}",
+    "by": ", such as [source, action]",
+    "headers": ", such as {X-Team: art}",
+    "enrich": ", such as [seed]",
+    "tokens": ", such as [${PASSTHROUGH_TOKEN}]",
+    "users": ", such as {alice: 'scrypt$...'} (make hashes with bridge hash-password)",
+    "sources": " with one '- name: ...' item per source",
+    "targets": " of target names to targets, such as {team-slack: 'slack://...'}",
+    "rules": " with one '- name: ...' item per rule",
+    "server": ", such as {listen: '127.0.0.1:8787'}",
+    "group": ", such as {by: [source], wait: 30s}",
 }
-
+_MAPPING = "expected a mapping (key: value lines indented below the key, or {key: value})"
 _TYPES: dict[str, str] = {
     "string_type": "expected text",
-    "int_type": "expected a whole number",
-    "int_parsing": "expected a whole number",
-    "int_from_float": "expected a whole number",
+    "int_type": "expected a whole number, such as 8",
+    "int_parsing": "expected a whole number, such as 8",
+    "int_from_float": "expected a whole number, such as 8",
     "float_type": "expected a number",
     "float_parsing": "expected a number",
     "list_type": "expected a list",
-    "dict_type": "expected a mapping (key: value lines, indented below this key)",
-    "model_type": "expected a mapping (key: value lines, indented below this key)",
-    "model_attributes_type": "expected a mapping (key: value lines, indented below this key)",
+    "dict_type": _MAPPING,
+    "model_type": _MAPPING,
+    "model_attributes_type": _MAPPING,
     "tuple_type": "expected a list",
     "byte_size_parsing": "expected a size such as 512KB or 8MiB",
     "byte_size_unit": "expected a size such as 512KB or 8MiB",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "greater_than": ("gt", "must be more than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+    "less_than": ("lt", "must be less than {}"),
+    "too_short": ("min_length", "needs at least {} items"),
+    "string_too_short": ("min_length", "must be at least {} characters long"),
+    "string_too_long": ("max_length", "must be at most {} characters long"),
 }
 
 
@@ -173,23 +188,23 @@ def value_message(doc: Document, loc: Loc, error: ErrorDetails, value: Any) -> s
     """The message for a value pydantic refused: the path, what is wrong, what valid looks like."""
     kind = error["type"]
     field = _field(loc)
-    example = EXAMPLES.get(field)
+    ctx = error.get("ctx", {})
     if kind in _TYPES and isinstance(value, str) and (m := _NO_SPACE.match(value)):
         return f"{dotted(loc)}: put a space after ':' (write {m[2]}: value)"
     if kind in _TYPES:
         text = _TYPES[kind]
-        if example:
-            text += f", such as {example}" if not example.startswith("a ") else f": {example}"
-        if kind == "string_type" and isinstance(value, int | float) and field == "listen":
-            text = f"write the address in quotes: {example}"
-        elif kind == "string_type" and isinstance(value, bool | int | float):
+        if "such as" not in text and (example := EXAMPLES.get(field)):
+            text += example
+        if kind == "string_type" and isinstance(value, bool | int | float):
             text += " (put it in quotes)"
         return f"{dotted(loc)}: {text}"
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        key, text = _BOUNDS[kind]
+        return f"{dotted(loc)}: {text.format(ctx[key])}"
     if kind == "string_pattern_mismatch" and field == "name":
         return f"{dotted(loc)}: use lowercase letters, digits, _ and - only, such as my-source"
     if kind == "literal_error":
-        expected = error.get("ctx", {}).get("expected", "")
-        return f"{dotted(loc)}: write one of {expected}"
+        return f"{dotted(loc)}: write one of {ctx.get('expected', '')}"
     # pydantic's other messages name the expected shape, never the input value.
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{dotted(loc)}: {message}"

@@ -52,11 +52,17 @@ async def serve(port: int, flavor: str, tasks: int, api_key: str | None) -> None
     try:
         header = auth_header(sim.flavor, api_key)
         print(f"simulator ({sim.flavor}) listening on {sim.url}", flush=True)
+        path = "/mj/task/list"
+        if sim.flavor == "new-api":
+            # new-api lists no tasks (GET /mj/task/list answers its web page): fetch one by id.
+            path = f"/mj/task/{sim.add_task(_PROMPTS[0], outcome='success', steps=3)}/fetch"
         if header:
             print(f"  auth header: {header}", flush=True)
-            print(f"  try: curl -H '{header}' {sim.url}/mj/task/list", flush=True)
+            print(f"  try: curl -H '{header}' {sim.url}{path}", flush=True)
         else:
-            print(f"  no auth; try: curl {sim.url}/mj/task/list", flush=True)
+            print(f"  no auth; try: curl {sim.url}{path}", flush=True)
+        if sim.flavor == "new-api":
+            print("  new-api cannot list tasks: follow ids with `bridge track` (docs/sources.md)")
         waiting: list[str] = []
         while True:
             for task_id in waiting:
