@@ -47,13 +47,14 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """What one rule made of one event, for `bridge explain`."""
+    """What one rule made of one event: routing, `bridge explain` and cancels read the same."""
 
     rule: str
     matched: bool
     reason: str = ""  # why it did not match, or why it was not reached
     deliveries: tuple[Delivery, ...] = ()
     notes: tuple[str, ...] = ()
+    throttled: bool = False  # matched, but the rule notified about this task too recently
 
 
 @dataclass(slots=True)
@@ -216,9 +217,13 @@ def _zones() -> list[str]:
     return sorted(zoneinfo.available_timezones())
 
 
+_CANCELS_KEPT = 1024  # stalls whose routed cancel decision waits for `cancels()`
+
+
 class Router:
     """Routes events through the rules in order. One delivery per (event, target): when several
-    rules send an event to the same target, the first one's text wins."""
+    rules send an event to the same target, the first one's text wins. Routing, `explain` and
+    `cancels` share one evaluation (`_evaluate`), so they never disagree."""
 
     def __init__(
         self,
@@ -235,7 +240,13 @@ class Router:
         self._clock = clock
         self._throttled: dict[tuple[str, str, str], float] = {}  # (rule, source, subject) -> until
         self._windows: dict[str, float] = {}  # digest group -> when its window closes
+        self._window_memory = max(
+            [3600.0] + [r.group.interval or 0.0 for r in config.rules if r.group is not None]
+        )
         self._next_prune = 0.0
+        # `cancel: true` rules, and what routing decided for the stalls it saw (for `cancels`).
+        self._cancelling = frozenset(r.name for r in config.rules if r.cancel)
+        self._cancels: dict[str, list[str]] = {}
         if previous is not None:
             # A reload keeps what the rules that are still there remember: a throttled task
             # stays throttled and an open digest window stays open across an edit of the file.
@@ -250,75 +261,40 @@ class Router:
         self._prune(now)
         deliveries: list[Delivery] = []
         for event in events:
-            deliveries += self._route_one(event, now)
+            matches = self._evaluate(event, now, record=True)
+            for match in matches:
+                deliveries += match.deliveries
+            if event.type == EventType.STALLED and self._cancelling:
+                self._cancels[event.id] = self._cancel_rules(matches)
+                while len(self._cancels) > _CANCELS_KEPT:
+                    del self._cancels[next(iter(self._cancels))]
         return deliveries
 
-    def _route_one(self, event: Event, now: float) -> list[Delivery]:
-        out: list[Delivery] = []
-        claimed: set[str] = set()
-        for rule in self._rules:
-            if rule.failure(event) is not None:
-                continue
-            if self._throttle(rule, event, now):
-                out += self._deliveries(rule, event, claimed)
-            if rule.config.stop:
-                break
-        return out
-
-    def _throttle(self, rule: CompiledRule, event: Event, now: float) -> bool:
-        """True when the rule may notify; records the send for the throttle window."""
-        window = rule.config.throttle
-        if not window:
-            return True
-        key = (rule.name, event.source, event.subject)
-        if self._throttled.get(key, 0.0) > now:
-            return False
-        self._throttled[key] = now + window
-        return True
-
-    def _deliveries(self, rule: CompiledRule, event: Event, claimed: set[str]) -> list[Delivery]:
-        targets = [t for t in rule.config.to if t not in claimed]
-        if not targets:
-            return []
-        claimed.update(targets)
-        title, body = ("", "") if self._textless.issuperset(targets) else rule.render(event)
-        group, not_before = self._digest(rule, event)
-        return [
-            Delivery(delivery_id(event.id, t), t, rule.name, event, title, body, group, not_before)
-            for t in targets
-        ]
-
-    def _digest(self, rule: CompiledRule, event: Event) -> tuple[str | None, datetime | None]:
-        """The first event of a group opens a window of `wait` from its time; every event of the
-        group that arrives inside the window is due when it closes, so all go as one digest."""
-        key = rule.group_key(event)
-        if key is None or rule.config.group is None:
-            return None, None
-        at = event.time.timestamp()
-        closes = self._windows.get(key)
-        if closes is None or at >= closes:
-            closes = at + rule.config.group.wait
-            self._windows[key] = closes
-        return key, datetime.fromtimestamp(closes, UTC)
-
-    def _prune(self, now: float) -> None:
-        if now < self._next_prune:
-            return
-        self._next_prune = now + 60.0
-        self._throttled = {k: v for k, v in self._throttled.items() if v > now}
-        self._windows = {k: v for k, v in self._windows.items() if v > now - 3600.0}
+    def explain(self, event: Event, now: float | None = None) -> list[Match]:
+        """What every rule makes of `event`, as routing would, without touching the throttle or
+        digest memory."""
+        return self._evaluate(event, self._clock() if now is None else now, record=False)
 
     def cancels(self, event: Event) -> list[str]:
-        """The `cancel: true` rules that match `event`, as routing reaches them (`stop` holds)."""
-        wanted = {rule.name for rule in self._rules if rule.config.cancel}
-        if not wanted:
+        """The `cancel: true` rules that matched `event` when it was routed (`stop` and throttles
+        hold); an event not routed here is evaluated as routing would."""
+        found = self._cancels.pop(event.id, None)
+        if found is not None:
+            return found
+        if not self._cancelling:
             return []
-        return [m.rule for m in self.explain(event) if m.matched and m.rule in wanted]
+        return self._cancel_rules(self.explain(event))
 
-    def explain(self, event: Event) -> list[Match]:
-        """What every rule makes of `event`, without touching throttle or digest memory."""
+    def _cancel_rules(self, matches: Sequence[Match]) -> list[str]:
+        return [
+            m.rule for m in matches if m.matched and not m.throttled and m.rule in self._cancelling
+        ]
+
+    def _evaluate(self, event: Event, now: float, *, record: bool) -> list[Match]:
+        """The one evaluation of the rules for one event, in order. `record` remembers what the
+        throttles and digest windows must (routing); without it nothing changes (explain)."""
         matches: list[Match] = []
-        claimed: dict[str, str] = {}
+        claimed: dict[str, str] = {}  # target -> the rule whose text it gets
         stopped_by: str | None = None
         for rule in self._rules:
             if stopped_by is not None:
@@ -327,28 +303,37 @@ class Router:
             if (why := rule.failure(event)) is not None:
                 matches.append(Match(rule.name, False, why))
                 continue
-            notes = [
+            if rule.config.stop:
+                stopped_by = rule.name
+            notes: list[str] = []
+            window = rule.config.throttle
+            if window:
+                notes.append(
+                    "throttle: at most one notification per task every "
+                    f"{templates.duration(window)}"
+                )
+                key = (rule.name, event.source, event.subject)
+                if self._throttled.get(key, 0.0) > now:
+                    notes.append("throttled: this task was notified by this rule too recently")
+                    matches.append(Match(rule.name, True, "", (), tuple(notes), throttled=True))
+                    continue
+                if record:
+                    self._throttled[key] = now + window
+            notes += [
                 f"{t}: already gets this event from rule '{claimed[t]}'"
                 for t in rule.config.to
                 if t in claimed
             ]
             targets = [t for t in rule.config.to if t not in claimed]
             claimed.update(dict.fromkeys(targets, rule.name))
-            title, body = rule.render(event)
-            group = rule.group_key(event)
-            not_before = None
-            if rule.config.group is not None:
-                closes = event.time.timestamp() + rule.config.group.wait
-                not_before = datetime.fromtimestamp(closes, UTC)
+            textless = record and self._textless.issuperset(targets)
+            title, body = ("", "") if textless or not targets else rule.render(event)
+            group, not_before = self._digest(rule, event, record) if targets else (None, None)
+            if group is not None and not_before is not None:
+                after = max(0.0, not_before.timestamp() - event.time.timestamp())
                 notes.append(
-                    f"digest group '{group}': sent together with the group's other "
-                    f"events {templates.duration(rule.config.group.wait)} after the "
-                    "first one"
-                )
-            if rule.config.throttle:
-                notes.append(
-                    f"throttle: at most one notification per task every "
-                    f"{templates.duration(rule.config.throttle)}"
+                    f"digest group '{group}': sent together with the group's other events "
+                    f"{templates.duration(after)} after this one"
                 )
             deliveries = tuple(
                 Delivery(
@@ -357,6 +342,34 @@ class Router:
                 for t in targets
             )
             matches.append(Match(rule.name, True, "", deliveries, tuple(notes)))
-            if rule.config.stop:
-                stopped_by = rule.name
         return matches
+
+    def _digest(
+        self, rule: CompiledRule, event: Event, record: bool
+    ) -> tuple[str | None, datetime | None]:
+        """Alertmanager's grouping for events. The first event of a quiet group opens a window
+        of `wait` (group_wait); every event of the group inside the window is due when it
+        closes, so all go as one digest. With `interval` (group_interval) the next window closes
+        no sooner than `interval` after the last one: at most one message per interval."""
+        key = rule.group_key(event)
+        group = rule.config.group
+        if key is None or group is None:
+            return None, None
+        at = event.time.timestamp()
+        closes = self._windows.get(key)
+        if closes is None or at >= closes:
+            opens = at + group.wait
+            if closes is not None and group.interval:
+                opens = max(opens, closes + group.interval)
+            closes = opens
+            if record:
+                self._windows[key] = closes
+        return key, datetime.fromtimestamp(closes, UTC)
+
+    def _prune(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + 60.0
+        self._throttled = {k: v for k, v in self._throttled.items() if v > now}
+        # A window is remembered as long as it can still hold the next one back.
+        self._windows = {k: v for k, v in self._windows.items() if v > now - self._window_memory}

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import ChainableUndefined, Template, TemplateError, Undefined, nodes
@@ -262,3 +263,48 @@ def render_text(source: str, ctx: Mapping[str, Any], fallback: str) -> str:
     except Exception as exc:
         log.warning("template failed, using the default text: %s", type(exc).__name__)
         return render(compile_template(fallback), ctx)
+
+
+# -- digests ------------------------------------------------------------------------------------
+
+DIGEST_TITLE_MAX = 200
+DIGEST_LISTED = 20  # items a digest lists one by one; the rest are counted
+DIGEST_REASONS = 5  # fail reasons a digest names, most frequent first
+
+
+class Digested(Protocol):
+    """One delivery of a digest group, as rendered for its rule (an OutboxItem)."""
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...
+
+    @property
+    def event(self) -> Event: ...
+
+
+def digest_text(items: Sequence[Digested]) -> tuple[str, str]:
+    """Title and body of the one message standing for a digest group's deliveries: the count,
+    the most frequent fail reasons when tasks failed, then the items (the first DIGEST_LISTED)."""
+    failed = [i for i in items if i.event.type == "task.failed"]
+    if failed and len(failed) == len(items):
+        title = f"{len(items)} tasks failed"
+    else:
+        title = f"{len(items)} tasks: " + "; ".join(dict.fromkeys(i.title for i in items))
+    if len(title) > DIGEST_TITLE_MAX:
+        title = title[: DIGEST_TITLE_MAX - 1] + "…"
+    parts: list[str] = []
+    if failed:
+        reasons = Counter(
+            oneline((i.event.task or {}).get("failReason")) or "no reason given" for i in failed
+        )
+        top = [f"{n}x {reason}" for reason, n in reasons.most_common(DIGEST_REASONS)]
+        if len(reasons) > DIGEST_REASONS:
+            top.append(f"and {len(reasons) - DIGEST_REASONS} other reasons")
+        parts.append("Top fail reasons:\n" + "\n".join(top))
+    parts += [f"• {i.title}\n{i.body}".rstrip() for i in items[:DIGEST_LISTED]]
+    if len(items) > DIGEST_LISTED:
+        parts.append(f"… and {len(items) - DIGEST_LISTED} more")
+    return title, "\n\n".join(parts)

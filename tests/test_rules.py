@@ -267,3 +267,51 @@ def test_bad_paths(key: str) -> None:
 def test_bad_matchers(value: Any) -> None:
     with pytest.raises(ValueError, match=r"regex|value"):
         parse_matcher(value)
+
+
+def test_group_interval_sends_at_most_one_message_per_interval() -> None:
+    router = Router(
+        config(
+            {
+                "name": "failures",
+                "on": "task.failed",
+                "to": ["a"],
+                "group": {"by": ["source"], "wait": "30s", "interval": "5m"},
+            }
+        )
+    )
+
+    def due(n: int, at: float) -> datetime | None:
+        task = {**TASK, "id": str(n)}
+        return router.route([event(task=task, at=at)], at)[0].not_before
+
+    assert due(1, T0) == due(2, T0 + 20) == datetime.fromtimestamp(T0 + 30, UTC)  # group_wait
+    # After the first message, the next waits for group_interval from it, not group_wait.
+    assert due(3, T0 + 40) == due(4, T0 + 200) == datetime.fromtimestamp(T0 + 330, UTC)
+    # A group quiet for longer than the interval starts again with group_wait.
+    assert due(5, T0 + 1000) == datetime.fromtimestamp(T0 + 1030, UTC)
+
+
+def test_route_explain_and_cancels_agree_and_cancels_respect_the_throttle() -> None:
+    now = [T0]
+    router = Router(
+        config(
+            {"name": "first", "on": "task.failed", "to": ["b"]},
+            {"name": "cancel", "on": "task.stalled", "throttle": "1h", "cancel": True},
+            {"name": "later", "on": "task.stalled", "to": ["c"]},
+        ),
+        clock=lambda: now[0],
+    )
+    stall = event("task.stalled", at=T0)
+    dry = router.explain(stall)
+    routed = router.route([stall])
+    assert [d.target for m in dry for d in m.deliveries] == [d.target for d in routed]
+    assert router.cancels(stall) == ["cancel"]
+    now[0] += 60
+    again = event("task.stalled", at=T0 + 60)  # the same task stalls again within the throttle
+    [throttled] = [m for m in router.explain(again) if m.rule == "cancel"]
+    assert throttled.matched
+    assert throttled.throttled
+    assert throttled.deliveries == ()
+    assert [d.target for d in router.route([again])] == ["c"]
+    assert router.cancels(again) == []  # no second cancel inside the throttle window

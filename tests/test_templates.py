@@ -196,3 +196,35 @@ def test_check_template(source: str, line: int) -> None:
     assert failure is not None
     assert failure[0] == line
     assert templates.check_template("{{ task.prompt | truncate(20) }}") is None
+
+
+def test_a_failure_digest_gives_the_count_and_the_top_reasons() -> None:
+    from dataclasses import dataclass
+
+    from bridge.templates import DIGEST_LISTED, digest_text
+    from tests.receiver import make_event
+
+    @dataclass
+    class Item:
+        title: str
+        body: str
+        event: Event
+
+    reasons = ["banned prompt"] * 7 + ["[Invalid parameter] Invalid aspect ratio"] * 3 + [None] * 2
+    items = [
+        Item(f"IMAGINE failed {n}", f"prompt {n}", make_event(n, "task.failed", failReason=r))
+        for n, r in enumerate(reasons)
+    ]
+    title, body = digest_text(items)
+    assert title == "12 tasks failed"
+    top = body.split("\n\n")[0].splitlines()
+    assert top == [
+        "Top fail reasons:",
+        "7x banned prompt",
+        "3x [Invalid parameter] Invalid aspect ratio",
+        "2x no reason given",
+    ]
+    assert "• IMAGINE failed 0\nprompt 0" in body
+    many = digest_text(items * 3)[1]
+    assert f"… and {36 - DIGEST_LISTED} more" in many
+    assert many.count("• ") == DIGEST_LISTED

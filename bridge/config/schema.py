@@ -439,8 +439,11 @@ def _target_kind(value: Any) -> Any:
 
 
 class GroupConfig(Strict):
-    by: list[str] = Field(default_factory=lambda: ["source"])
-    wait: Duration = 30.0
+    """A digest, modelled on Alertmanager's grouping (docs/rules.md, "Digests")."""
+
+    by: list[str] = Field(default_factory=lambda: ["source"])  # group_by
+    wait: Duration = 30.0  # group_wait: the first event of a quiet group waits this long
+    interval: Duration | None = None  # group_interval: at most one message per group this often
 
 
 def _as_list(value: Any) -> Any:

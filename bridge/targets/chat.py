@@ -26,7 +26,7 @@ from bridge.diff import progress_value
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import EventType, Status, status_rank
 from bridge.store import OutboxItem
-from bridge.targets.notify import digest_text
+from bridge.templates import digest_text
 
 if TYPE_CHECKING:
     from bridge.store import Store

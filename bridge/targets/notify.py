@@ -21,13 +21,13 @@ from bridge.errors import DeliveryError, Redactor
 from bridge.models import Status
 from bridge.store import OutboxItem
 from bridge.targets.http import retryable_status
+from bridge.templates import digest_text
 
 log = logging.getLogger(__name__)
 _APPRISE_LOG = logging.getLogger("apprise")
 
 # apprise logs an HTTP failure as "... error=404." in every HTTP plugin.
 _HTTP_ERROR = re.compile(r"error=(\d{3})\b")
-_DIGEST_TITLE_MAX = 200
 
 
 @functools.cache
@@ -38,16 +38,6 @@ def load_plugins() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         NotificationManager().load_modules()  # type: ignore[no-untyped-call]
-
-
-def digest_text(items: Sequence[OutboxItem]) -> tuple[str, str]:
-    """Title and body of one message standing for several deliveries of a digest group."""
-    titles = list(dict.fromkeys(i.title for i in items))
-    title = f"{len(items)} tasks: " + "; ".join(titles)
-    if len(title) > _DIGEST_TITLE_MAX:
-        title = title[: _DIGEST_TITLE_MAX - 1] + "…"
-    body = "\n\n".join(f"• {i.title}\n{i.body}".rstrip() for i in items)
-    return title, body
 
 
 def _retryable(reason: str) -> bool:
