@@ -4,7 +4,7 @@
     ├── ConfigError            rules.yaml is invalid; carries every problem as FILE:LINE:COL lines
     ├── SourceError            one poll of an upstream failed; `reason` names the kind
     │                          (unreachable, timeout, auth_failed, not_a_task_api, bad_payload,
-    │                          server_error, rate_limited)
+    │                          server_error, rate_limited, too_large, internal)
     ├── DeliveryError          a target refused or failed; `retryable` says whether to try again,
     │                          `retry_after` (seconds) when the target asked for a pause,
     │                          `deferred` when the target is fine and only wants it later

@@ -75,3 +75,28 @@ def deep(levels: int) -> dict[str, Any]:
     for _ in range(levels):
         value = {"a": value}
     return value  # type: ignore[no-any-return]
+
+
+class EndlessTarget(LocalServer):
+    """A target whose every answer (with `status`) streams bytes until the client hangs up."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        return app
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.requests += 1
+        response = web.StreamResponse(status=self.status)
+        response.content_type = "application/json"
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(CHUNK)
+        except (ConnectionError, RuntimeError):
+            return response

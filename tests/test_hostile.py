@@ -19,7 +19,7 @@ from bridge.simulator import Simulator
 from bridge.sources.poll import PollingSource
 from bridge.store import Store
 from bridge.watch import Pipeline, Watcher
-from tests.hostile import HostileUpstream, deep
+from tests.hostile import CHUNK, HostileUpstream, deep
 from tests.process import BridgeProcess
 from tests.receiver import Receiver
 
@@ -149,3 +149,30 @@ async def test_an_unexpected_exception_is_the_sources_failure(
             up.rows = [GOOD]  # the upstream mends the row: the source is up again
             await watcher.poll_once()
             assert [e.type for e in events] == ["source.down", "source.up", "task.succeeded"]
+
+
+async def test_an_answer_that_never_ends_is_cut_at_max_response(tmp_path: Path) -> None:
+    """The default max_response (256MiB) against an upstream that streams forever: the poll
+    fails with too_large, the process stays under 512 MB, the other source goes on."""
+    async with (
+        HostileUpstream() as up,
+        Simulator("midjourney-proxy", api_key="k") as sim,
+        Receiver() as rx,
+    ):
+        up.endless = True
+        # A long timeout, so that the cap (not the clock) is what ends the read.
+        async with BridgeProcess(tmp_path, config(up, sim, rx, timeout="300s")) as bridge:
+            await bridge.serving()
+            line = await bridge.wait_log(r"bad: poll failed \(too_large\)", within=300)
+            peak = bridge.peak_rss()
+            up.endless = False
+            up.rows = [GOOD]
+            tid = sim.add_task("a lighthouse", outcome="success", steps=1)
+            sim.tick(3)
+            await rx.wait_for(2)
+            assert await bridge.stop() == 0, bridge.log
+        assert up.streamed >= 256 * 1024 * 1024 - len(CHUNK)
+        assert "larger than max_response (268,435,456 bytes)" in line
+        assert peak <= 512 * 1024 * 1024, f"peak RSS {peak / 2**20:.0f} MiB"
+        print(f"peak RSS {peak / 2**20:.0f} MiB")  # shown with -s: the number in the docs
+        assert {("good-1", "task.succeeded"), (tid, "task.succeeded")} <= delivered(rx)

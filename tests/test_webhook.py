@@ -19,6 +19,7 @@ from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets import WebhookTarget, build_target
 from bridge.targets.webhook import ce_header, retry_after
+from tests.hostile import EndlessTarget
 from tests.receiver import Receiver, Reply, Request, make_event
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -251,3 +252,20 @@ async def test_invalid_whsec_secret_is_refused(session: aiohttp.ClientSession) -
     config = WebhookTargetConfig(webhook="http://127.0.0.1:9/", secret="whsec_***not base64***")
     with pytest.raises(ValueError, match="base64"):
         WebhookTarget("hook", config, session)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(200, None), (503, True), (400, False)])
+async def test_an_answer_that_never_ends_is_read_only_to_a_small_cap(
+    session: aiohttp.ClientSession, status: int, retryable: bool | None
+) -> None:
+    async with EndlessTarget(status) as endless:
+        config = WebhookTargetConfig.model_validate({"webhook": endless.url + "/hook"})
+        hook = build_target("hook", config, session)
+        if retryable is None:
+            await hook.send(item())  # accepted, not a timeout after reading forever
+        else:
+            with pytest.raises(DeliveryError) as caught:
+                await hook.send(item())
+            assert caught.value.retryable is retryable
+            assert "timed out" not in str(caught.value)
+        assert endless.requests == 1

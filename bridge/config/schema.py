@@ -146,6 +146,9 @@ class SourceConfig(Strict):
     mode: Literal["auto", "list", "active", "ids"] = "auto"
     full_every: Duration = 60.0
     enrich: list[Literal["seed"]] = Field(default_factory=list)
+    # The largest answer read from the upstream, counted while it streams (256MiB: a list of
+    # ~100,000 tasks); a larger one fails the poll with reason too_large.
+    max_response: ByteSize = Field(default=ByteSize(256 * 1024 * 1024), gt=0)
     # Its tasks' imageUrls may point at loopback/private addresses (a local simulator, a LAN relay).
     allow_private_images: Bool = False
 

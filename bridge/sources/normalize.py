@@ -31,6 +31,7 @@ import orjson
 from bridge.errors import SourceError
 
 __all__ = [
+    "Body",
     "Dropped",
     "Normalized",
     "normalize_task",
@@ -40,6 +41,7 @@ __all__ = [
     "unstorable",
 ]
 
+Body = bytes | bytearray  # an answer as read (poll.py reads large ones into a bytearray)
 MAX_ID_CHARS = 256  # real ids are 16-19 digits (midjourney-proxy) or a short prefixed token
 # orjson encodes at most 254 levels, and an event wraps its task in two more (`data.task`).
 MAX_DEPTH = 252
@@ -61,7 +63,7 @@ class Normalized:
     dropped: list[Dropped] = field(default_factory=list)
 
 
-def parse_task_list(body: bytes) -> list[dict[str, Any]]:
+def parse_task_list(body: Body) -> list[dict[str, Any]]:
     """The body of /mj/task/list or /mj/task/list-by-condition: a JSON array of task objects.
     Raises SourceError("bad_payload") for an empty, truncated or malformed body or the wrong
     shape (an object instead of an array, items that are not objects)."""
@@ -72,13 +74,13 @@ def parse_task_list(body: bytes) -> list[dict[str, Any]]:
     return data
 
 
-def parse_tasks(body: bytes) -> Normalized:
+def parse_tasks(body: Body) -> Normalized:
     """`parse_task_list` and `normalize_tasks` in one pass over the list (the poller's hot path);
     an item that is not an object is a bad payload here, not a dropped task."""
     return normalize_tasks(_load_array(body), strict=True)
 
 
-def _load_array(body: bytes) -> list[Any]:
+def _load_array(body: Body) -> list[Any]:
     if not body or body.isspace():
         raise SourceError("bad_payload", "the response body is empty, expected a JSON array")
     try:

@@ -32,6 +32,7 @@ from bridge.config import SourceConfig
 from bridge.diff import Snapshot
 from bridge.errors import Redactor, SourceError
 from bridge.sources.normalize import (
+    Body,
     Dropped,
     Normalized,
     normalize_task,
@@ -298,7 +299,7 @@ class PollingSource:
 
     async def _send(
         self, method: str, path: str, data: bytes | None, *, strict: bool = True
-    ) -> tuple[str, int, str, bytes]:
+    ) -> tuple[str, int, str, Body]:
         """One request: (where, HTTP status, content type, body). Transport failures, and with
         `strict` every HTTP status >= 300, become SourceError."""
         url = self.config.base_url + path
@@ -316,7 +317,7 @@ class PollingSource:
                         return await self._send(method, path, data, strict=strict)
                 if strict:
                     _check_status(response.status, where, self._auth_hint())
-                payload = await response.read()
+                payload = await self._read(response, where)
                 return where, response.status, response.content_type, payload
         except SourceError:
             raise
@@ -335,6 +336,24 @@ class PollingSource:
                 "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
             ) from exc
 
+    async def _read(self, response: aiohttp.ClientResponse, where: str) -> Body:
+        """The body, counted while it streams: an answer over `max_response` (one that never
+        ends, say) fails the poll with `too_large` instead of filling the memory."""
+        limit = self.config.max_response
+        too_large = SourceError(
+            "too_large",
+            f"{where}: the answer is larger than max_response ({limit:,} bytes); "
+            "raise max_response if the list is really this large",
+        )
+        if response.content_length is not None and response.content_length > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(1 << 16):
+            if len(body) + len(chunk) > limit:
+                raise too_large
+            body += chunk
+        return body  # a bytearray: no second copy of a large answer
+
     async def _other_auth(self, method: str, url: str, data: bytes | None) -> str | None:
         """After a 401/403: the first other scheme the server accepts, tried once each. Adopted
         (and returned) when the config left `auth` out; named in the error when it chose one."""
@@ -347,7 +366,6 @@ class PollingSource:
                 async with self._session.request(
                     method, url, data=data, headers={**headers, **extra}, timeout=self._timeout
                 ) as response:
-                    await response.read()
                     accepted = response.status not in (401, 403)
             except (TimeoutError, aiohttp.ClientError, OSError):
                 return None  # the poll fails on its own request's answer
@@ -377,7 +395,7 @@ def _why(reasons: Counter[str]) -> str:
     return ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
 
 
-def _refuse_html(where: str, content_type: str, payload: bytes) -> None:
+def _refuse_html(where: str, content_type: str, payload: Body) -> None:
     if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
         raise SourceError(
             "not_a_task_api",
@@ -387,7 +405,7 @@ def _refuse_html(where: str, content_type: str, payload: bytes) -> None:
         )
 
 
-def _json_object(where: str, content_type: str, payload: bytes, what: str) -> dict[str, Any]:
+def _json_object(where: str, content_type: str, payload: Body, what: str) -> dict[str, Any]:
     """An answer that must be one JSON object (a task, a seed answer, a query page)."""
     _refuse_html(where, content_type, payload)
     try:
@@ -399,7 +417,7 @@ def _json_object(where: str, content_type: str, payload: bytes, what: str) -> di
     return data
 
 
-def _code(payload: bytes) -> object:
+def _code(payload: Body) -> object:
     """The `code` of a {code, description} answer, or None."""
     try:
         data = orjson.loads(payload)

@@ -17,6 +17,10 @@ from multidict import CIMultiDictProxy
 
 from bridge.errors import DeliveryError
 
+# A target's answer is judged by its status and a small JSON object (Slack's `ok`, Discord's
+# message id): no more than this is read of it, however much the service sends.
+MAX_ANSWER = 256 * 1024
+
 # Request Timeout, Too Early, Too Many Requests: the service may take the same request later.
 RETRYABLE_4XX = frozenset({408, 425, 429})
 
@@ -70,6 +74,16 @@ class Answer:
         return self.body[:limit].decode("utf-8", "replace").strip()
 
 
+async def read_answer(resp: aiohttp.ClientResponse, limit: int = MAX_ANSWER) -> bytes:
+    """At most `limit` bytes of an answer; the rest is never read (the connection is closed)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        body += chunk[: limit - len(body)]
+        if len(body) >= limit:
+            break
+    return bytes(body)
+
+
 async def request(
     session: aiohttp.ClientSession,
     method: str,
@@ -80,14 +94,15 @@ async def request(
     redact: Callable[[str], str],
     **kwargs: Any,
 ) -> Answer:
-    """One request, its whole body read (so the pooled connection is reused), never following
-    redirects. A timeout or connection failure is a retryable DeliveryError naming `what`
-    ("hook: posting"), redacted; any answer, 2xx or not, is returned for the caller to judge."""
+    """One request, never following redirects; its body is read up to MAX_ANSWER (all of it
+    when no larger, so the pooled connection is reused). A timeout or connection failure is a
+    retryable DeliveryError naming `what` ("hook: posting"), redacted; any answer, 2xx or not,
+    is returned for the caller to judge."""
     try:
         async with session.request(
             method, url, timeout=timeout, allow_redirects=False, **kwargs
         ) as resp:
-            return Answer(resp.status, resp.headers, await resp.read())
+            return Answer(resp.status, resp.headers, await read_answer(resp))
     except TimeoutError as exc:
         raise DeliveryError(f"{what} timed out after {timeout.total:g}s", retryable=True) from exc
     except aiohttp.ClientError as exc:

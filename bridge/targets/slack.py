@@ -15,7 +15,7 @@ import orjson
 from bridge.config import SlackTargetConfig
 from bridge.errors import DeliveryError
 from bridge.targets.chat import ChatTarget, Image, Look, MessageGone, TaskView, clip
-from bridge.targets.http import classify, request, retry_after
+from bridge.targets.http import classify, read_answer, request, retry_after
 
 if TYPE_CHECKING:
     from bridge.store import Store
@@ -176,7 +176,7 @@ class SlackTarget(ChatTarget):
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:
-                await resp.read()
+                await read_answer(resp)
                 if resp.status != 200:
                     raise DeliveryError(f"upload answered HTTP {resp.status}", retryable=True)
             files = [{"id": file_id, "title": clip(view.title, 250)}]
