@@ -121,11 +121,52 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
         help="dry run: which rules match an event and what each target would get",
-        description="Read an event (CloudEvents JSON as the webhook body carries it) and show "
-        "which rules match and the rendered title/body per target. Sends nothing.",
+        description="Read an event (CloudEvents JSON as the webhook body carries it, or a stored "
+        "one with --event ID) and show which rules match and the rendered title/body per target. "
+        "Sends nothing.",
     )
     config_arg(p)
-    p.add_argument("event", help="path of the event JSON file, or - for standard input")
+    db_arg(p)
+    p.add_argument("event", nargs="?", help="path of the event JSON file, or - for standard input")
+    p.add_argument(
+        "--event",
+        dest="event_id",
+        metavar="ID",
+        help="explain the stored event with this id (bridge events tail shows ids)",
+    )
+
+    p = sub.add_parser(
+        "events",
+        help="the events the bridge stored: the latest, new ones as they come, one in full",
+        description="Read events out of the database, beside a running bridge.",
+    )
+    events = p.add_subparsers(dest="events_command", metavar="ACTION", required=True)
+    tail = events.add_parser("tail", help="the latest events, oldest first; -f for new ones")
+    db_arg(tail)
+    tail.add_argument("-f", "--follow", action="store_true", help="then print new events as stored")
+    tail.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="T",
+        help="only this event type (task.succeeded; task.* for a family); repeatable",
+    )
+    tail.add_argument("--source", metavar="S", help="only events of this source")
+    tail.add_argument("--task", metavar="ID", help="only events of this task")
+    tail.add_argument(
+        "-n",
+        "--lines",
+        type=int,
+        default=20,
+        metavar="N",
+        help="how many to start with (default: 20)",
+    )
+    tail.add_argument(
+        "--json", action="store_true", help="one CloudEvents JSON object a line (as webhooks get)"
+    )
+    show = events.add_parser("show", help="one event as CloudEvents JSON, with its deliveries")
+    db_arg(show)
+    show.add_argument("id", metavar="ID", help="the event id")
 
     p = sub.add_parser(
         "send-test",
@@ -154,9 +195,11 @@ def _parser() -> argparse.ArgumentParser:
         "permanent error). List them, or replay them into the outbox.",
     )
     dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    listing = dlq.add_parser("list", help="a table of dead letters")
+    listing = dlq.add_parser("list", help="a table of dead letters, newest first")
     listing.set_defaults(ids=[], all=False)
     db_arg(listing)
+    listing.add_argument("--target", metavar="T", help="only the dead letters of this target")
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     replay = dlq.add_parser("replay", help="put dead letters back in the outbox")
     db_arg(replay)
     replay.add_argument(
@@ -256,9 +299,37 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "explain":
             from bridge.explain import explain
 
+            if (args.event is None) == (args.event_id is None):
+                raise UsageError("explain needs an event file (or -) or --event ID, one of them")
             config = load_config(args.config)
-            print(explain(config, _read_json(args.event)))
+            if args.event_id is not None:
+                from bridge.history_cli import stored_event
+
+                body = asyncio.run(stored_event(args.db, args.event_id))
+                if body is None:
+                    return EXIT_FAILURE
+            else:
+                body = _read_json(args.event)
+            print(explain(config, body))
             return EXIT_OK
+        case "events":
+            from bridge import history_cli
+
+            if args.events_command == "show":
+                return asyncio.run(history_cli.show_command(args.db, args.id))
+            if args.lines < 0:
+                raise UsageError("--lines must be 0 or more")
+            return asyncio.run(
+                history_cli.tail_command(
+                    args.db,
+                    types=args.type,
+                    source=args.source,
+                    task=args.task,
+                    count=args.lines,
+                    follow=args.follow,
+                    as_json=args.json,
+                )
+            )
         case "send-test":
             from bridge.dlq import send_test_command
 
@@ -274,6 +345,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from bridge.commands import hash_password_command
 
             return hash_password_command()
+        case "dlq" if args.dlq_command == "list":
+            from bridge.history_cli import dlq_list_command
+
+            return asyncio.run(dlq_list_command(args.db, args.target, args.json))
         case "dlq":
             from bridge.dlq import dlq_command
 

@@ -56,7 +56,7 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_bridge(config: Config, db: Path) -> AsyncIterator[Harness]:
+async def running_bridge(config: Config, db: Path | str) -> AsyncIterator[Harness]:
     """Run `Bridge.run()` as a task until the block exits; waits for the first poll of every
     source so tests start from a known state."""
     bridge = Bridge(config, str(db))

@@ -13,13 +13,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import orjson
 
 from bridge.diff import TaskState
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event
+
+if TYPE_CHECKING:
+    from bridge.store.history import History
 
 T = TypeVar("T")
 
@@ -442,6 +445,11 @@ class Store(ABC):
     async def replay(self, ids: Sequence[str] | None) -> int:
         """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
         and a fresh age, so `max_attempts` and `max_age` count from the replay."""
+
+    @property
+    @abstractmethod
+    def history(self) -> History:
+        """Read-only queries of what happened: events, tasks, deliveries, dead letters."""
 
     @abstractmethod
     async def recent_events(self, limit: int = 50) -> list[Event]: ...

@@ -35,6 +35,7 @@ from bridge.store.base import (
     log_recovered,
     new_holder,
 )
+from bridge.store.history import SqlHistory
 from bridge.store.schema import POSTGRES_MIGRATIONS
 
 log = logging.getLogger("bridge.store")
@@ -464,6 +465,10 @@ class PostgresStore(Store):
         if ids is None:
             return _count(await self._execute(sql, now))
         return _count(await self._execute(f"{sql} AND id = ANY($2::text[])", now, list(ids)))
+
+    @property
+    def history(self) -> SqlHistory:
+        return SqlHistory(lambda sql, params: self._fetch(sql, *params))
 
     async def recent_events(self, limit: int = 50) -> list[Event]:
         rows = await self._fetch(

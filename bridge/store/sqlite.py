@@ -38,6 +38,7 @@ from bridge.store.base import (
     log_recovered,
     new_holder,
 )
+from bridge.store.history import SqlHistory
 from bridge.store.schema import SQLITE_MIGRATIONS
 
 log = logging.getLogger("bridge.store")
@@ -472,6 +473,10 @@ class SqliteStore(Store):
                     async with db.execute(chunk_sql, (now, now, now, *chunk)) as cur:
                         count += cur.rowcount
         return count
+
+    @property
+    def history(self) -> SqlHistory:
+        return SqlHistory(self._fetch, id_hash=id_hash)
 
     async def recent_events(self, limit: int = 50) -> list[Event]:
         sql = "SELECT json FROM events ORDER BY time DESC, rowid DESC LIMIT ?"
