@@ -124,8 +124,10 @@ class Bridge:
     async def _run_config(
         self, config: Config, store: Store, session: aiohttp.ClientSession
     ) -> None:
+        private = frozenset(s.name for s in config.sources if s.allow_private_images)
         targets = {
-            name: build_target(name, cfg, session, store) for name, cfg in config.targets.items()
+            name: build_target(name, cfg, session, store, private_images=private)
+            for name, cfg in config.targets.items()
         }
         abandoned = await store.abandon(config.targets)
         for name, count in sorted(abandoned.items()):

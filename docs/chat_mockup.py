@@ -64,10 +64,10 @@ async def capture() -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]], b
         url = api.add_image("grid.png", png)
         discord = DiscordTarget("art", DiscordTargetConfig(
             discord=api.discord_webhook, api_base=api.discord_base, min_edit_interval=0,
-            attach_image=True), session)  # fmt: skip
+            attach_image=True, allow_private_images=True), session)  # fmt: skip
         slack = SlackTarget("team", SlackTargetConfig(
             slack="#mj", token=SLACK_TOKEN, api_base=api.slack_base, min_edit_interval=0,
-            attach_image=True), session)  # fmt: skip
+            attach_image=True, allow_private_images=True), session)  # fmt: skip
         running = task_event(1748339029401828, "task.progress", "45%", prompt=PROMPT,
                              imageUrl=url)  # fmt: skip
         done = task_event(1748339029401828, "task.succeeded", "100%", prompt=PROMPT,

@@ -13,6 +13,7 @@ class LocalServer:
     """Subclasses build their app in `app()`; `url` is `http://127.0.0.1:PORT` once started."""
 
     port = 0
+    host = "127.0.0.1"  # any loopback address (127.0.0.2 stands in for a second machine)
     _runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -20,12 +21,12 @@ class LocalServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, self.host, 0).start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:

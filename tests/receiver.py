@@ -53,11 +53,13 @@ class Receiver(LocalServer):
     too, in `gets`); POST/PUT answers come from the scripted queue for that path, then the queue
     for any path, then `default`."""
 
-    def __init__(self, default: Reply | None = None) -> None:
+    def __init__(self, default: Reply | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.default = default or Reply(200, b"ok")
         self.requests: list[Request] = []
         self.gets: list[Request] = []
         self.files: dict[str, tuple[bytes, str]] = {}
+        self.redirects: dict[str, str] = {}  # GET path -> a 302 to this Location
         self.active = 0  # requests being answered right now
         self.peak = 0  # the most that were ever answered at once
         self._scripts: dict[str | None, deque[Reply]] = defaultdict(deque)
@@ -97,6 +99,8 @@ class Receiver(LocalServer):
         )
         if request.method in ("GET", "HEAD"):
             self.gets.append(record)
+            if request.path in self.redirects:
+                raise web.HTTPFound(location=self.redirects[request.path])
             if request.path in self.files:
                 data, ctype = self.files[request.path]
                 return web.Response(body=data, content_type=ctype)

@@ -52,6 +52,7 @@ def discord(
     api: ChatAPI, session: aiohttp.ClientSession, store: Store | None = None, **kw: Any
 ) -> DiscordTarget:
     kw.setdefault("min_edit_interval", 0)
+    kw.setdefault("allow_private_images", True)  # the chat API and its images are on loopback
     target = build_target("art", config(api, **kw), session, store)
     assert isinstance(target, DiscordTarget)
     return target

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from apprise.plugins.discord import NotifyDiscord
 from apprise.plugins.slack import NotifySlack
@@ -20,6 +22,7 @@ from bridge.config import AppriseTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets import AppriseTarget
+from bridge.targets.images import fetch_image, private
 from tests.receiver import Receiver, Reply, SMTPReceiver, make_event
 
 PNG = base64.b64decode(
@@ -49,8 +52,10 @@ def item(n: int = 1, title: str = "IMAGINE done", body: str = "a cat", **task: A
     )
 
 
-def apprise_target(url: str, **kw: Any) -> AppriseTarget:
-    return AppriseTarget("chat", AppriseTargetConfig.model_validate({"url": url, **kw}))
+def apprise_target(
+    url: str, session: aiohttp.ClientSession | None = None, **kw: Any
+) -> AppriseTarget:
+    return AppriseTarget("chat", AppriseTargetConfig.model_validate({"url": url, **kw}), session)
 
 
 async def test_json_gets_title_and_body(rx: Receiver) -> None:
@@ -143,9 +148,16 @@ async def test_invalid_url_is_a_final_error() -> None:
     assert "secretpass" not in str(info.value)
 
 
-async def test_attach_image_sends_the_succeeded_tasks_image(rx: Receiver) -> None:
+async def test_attach_image_sends_the_succeeded_tasks_image(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
     rx.files["/img/cat.png"] = (PNG, "image/png")
-    target = apprise_target(f"json://127.0.0.1:{rx.port}/notify", attach_image=True)
+    target = apprise_target(
+        f"json://127.0.0.1:{rx.port}/notify",
+        session,
+        attach_image=True,
+        allow_private_images=True,  # the receiver is on loopback
+    )
     await target.send(item(imageUrl=f"{rx.url}/img/cat.png"))
     [req] = await rx.wait_for(1)
     [attachment] = req.json()["attachments"]
@@ -153,8 +165,12 @@ async def test_attach_image_sends_the_succeeded_tasks_image(rx: Receiver) -> Non
     assert attachment["mimetype"] == "image/png"
 
 
-async def test_attach_image_skips_a_missing_image_but_sends(rx: Receiver) -> None:
-    target = apprise_target(f"json://127.0.0.1:{rx.port}/notify", attach_image=True)
+async def test_attach_image_skips_a_missing_image_but_sends(
+    rx: Receiver, session: aiohttp.ClientSession
+) -> None:
+    target = apprise_target(
+        f"json://127.0.0.1:{rx.port}/notify", session, attach_image=True, allow_private_images=True
+    )
     await target.send(item(imageUrl=f"{rx.url}/img/gone.png"))
     [req] = await rx.wait_for(1)
     assert not req.json().get("attachments")
@@ -169,6 +185,81 @@ async def test_no_attachment_unless_asked_or_succeeded(rx: Receiver) -> None:
     for req in await rx.wait_for(2):
         assert not req.json().get("attachments")
     assert rx.gets == []
+
+
+@pytest.mark.parametrize(
+    ("allow", "path", "served"),
+    [
+        (False, "/img/cat.png", True),  # loopback: refused before any request is made
+        (True, "/actuator/env", True),  # JSON that is no image: never attached
+        (True, "/hop/1", True),  # four redirects: more than 3
+    ],
+    ids=["loopback-refused", "not-an-image", "too-many-redirects"],
+)
+async def test_attach_image_refuses_what_is_not_a_public_image(
+    rx: Receiver, session: aiohttp.ClientSession, allow: bool, path: str, served: bool
+) -> None:
+    rx.files["/img/cat.png"] = (PNG, "image/png")
+    rx.files["/actuator/env"] = (b'{"MJ_API_KEY": "k"}', "application/json")
+    for hop in range(1, 5):
+        rx.redirects[f"/hop/{hop}"] = f"/hop/{hop + 1}"
+    rx.redirects["/hop/5"] = "/img/cat.png"
+    target = apprise_target(
+        f"json://127.0.0.1:{rx.port}/notify", session, attach_image=True, allow_private_images=allow
+    )
+    await target.send(item(imageUrl=f"{rx.url}{path}"))
+    [req] = await rx.wait_for(1)
+    assert not req.json().get("attachments")
+    assert b"MJ_API_KEY" not in req.body
+    if not allow:
+        assert rx.gets == []
+    else:
+        assert "/img/cat.png" not in [g.path for g in rx.gets]
+
+
+async def test_a_redirect_to_a_refused_address_is_not_followed(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The check runs again after every redirect: 127.0.0.2 stands in for an internal host the
+    policy refuses, 127.0.0.1 for the public one that redirects there."""
+    async with Receiver() as outside, Receiver(host="127.0.0.2") as inside:
+        inside.files["/latest/meta-data"] = (PNG, "image/png")
+        outside.redirects["/cat.png"] = f"{inside.url}/latest/meta-data"
+        image = await fetch_image(
+            session,
+            f"{outside.url}/cat.png",
+            "cat",
+            max_bytes=1 << 20,
+            deadline=aiohttp.ClientTimeout(total=5),
+            refused=lambda address: str(address) == "127.0.0.2",
+        )
+        assert image is None
+        assert [g.path for g in outside.gets] == ["/cat.png"]
+        assert inside.gets == []
+        # The same fetch with the inside host allowed gets the image: the refusal was the check.
+        image = await fetch_image(
+            session,
+            f"{outside.url}/cat.png",
+            "cat",
+            max_bytes=1 << 20,
+            deadline=aiohttp.ClientTimeout(total=5),
+            refused=lambda address: False,
+        )
+        assert image is not None and image.data == PNG
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1",
+     "fd00:ec2::254", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1"],
+)  # fmt: skip
+def test_private_addresses_are_refused(address: str) -> None:
+    assert private(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:2800:220:1::1"])
+def test_public_addresses_are_not(address: str) -> None:
+    assert not private(ipaddress.ip_address(address))
 
 
 async def test_digest_is_one_message(rx: Receiver) -> None:
@@ -218,9 +309,16 @@ async def test_discord_message(local_chat: Receiver) -> None:
     assert req.json()["content"].splitlines() == ["IMAGINE done", "a cat"]
 
 
-async def test_discord_gets_the_image_attached(local_chat: Receiver) -> None:
+async def test_discord_gets_the_image_attached(
+    local_chat: Receiver, session: aiohttp.ClientSession
+) -> None:
     local_chat.files["/img/cat.png"] = (PNG, "image/png")
-    target = apprise_target(f"discord://{DISCORD[0]}/{DISCORD[1]}", attach_image=True)
+    target = apprise_target(
+        f"discord://{DISCORD[0]}/{DISCORD[1]}",
+        session,
+        attach_image=True,
+        allow_private_images=True,
+    )
     assert target.supports_attachments
     await target.send(item(imageUrl=f"{local_chat.url}/img/cat.png"))
     requests = await local_chat.wait_for(1)

@@ -25,6 +25,7 @@ def slack(
     api: ChatAPI, session: aiohttp.ClientSession, store: Store | None = None, **kw: Any
 ) -> SlackTarget:
     kw.setdefault("min_edit_interval", 0)
+    kw.setdefault("allow_private_images", True)  # the chat API and its images are on loopback
     cfg = SlackTargetConfig.model_validate(
         {"slack": "#mj", "token": SLACK_TOKEN, "api_base": api.slack_base, **kw}
     )

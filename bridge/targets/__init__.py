@@ -49,19 +49,29 @@ def build_target(
     config: TargetConfig,
     session: aiohttp.ClientSession,
     store: Store | None = None,
+    *,
+    private_images: frozenset[str] = frozenset(),
 ) -> Target:
     """The target for one `targets:` entry. The session is the process's; targets never close it.
     The chat targets keep each task's message id in `store` (so a restart edits the same
-    message); without one they remember it in memory only."""
+    message); without one they remember it in memory only. `private_images` names the sources
+    whose image URLs may point at private addresses (their `allow_private_images`)."""
+    chat: DiscordTarget | SlackTarget | AppriseTarget
     match config:
         case WebhookTargetConfig():
             return WebhookTarget(name, config, session)
         case AppriseTargetConfig():
-            return AppriseTarget(name, config)
+            chat = AppriseTarget(name, config, session)
+            chat.private_images = private_images
+            return chat
         case DiscordTargetConfig():
-            return DiscordTarget(name, config, session, store)
+            chat = DiscordTarget(name, config, session, store)
+            chat.private_images = private_images
+            return chat
         case SlackTargetConfig():
-            return SlackTarget(name, config, session, store)
+            chat = SlackTarget(name, config, session, store)
+            chat.private_images = private_images
+            return chat
         # The broker clients are imported only when a config uses them.
         case NatsTargetConfig():
             from bridge.targets.jetstream import NatsTarget

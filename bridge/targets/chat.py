@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -26,6 +25,7 @@ from bridge.diff import progress_value
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import EventType, Status, status_rank
 from bridge.store import OutboxItem
+from bridge.targets.images import Image, fetch_image
 from bridge.templates import digest_text
 
 if TYPE_CHECKING:
@@ -113,15 +113,6 @@ class MessageRef:
 
 
 @dataclass(frozen=True, slots=True)
-class Image:
-    """A downloaded image, to upload with the message."""
-
-    name: str
-    data: bytes
-    content_type: str
-
-
-@dataclass(frozen=True, slots=True)
 class TaskView:
     """What a task's message shows, the same for every chat service."""
 
@@ -180,49 +171,6 @@ def view_of(item: OutboxItem) -> TaskView:
     )
 
 
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
-
-
-async def fetch_image(
-    session: aiohttp.ClientSession,
-    url: str,
-    name: str,
-    *,
-    max_bytes: int,
-    deadline: aiohttp.ClientTimeout,
-) -> Image | None:
-    """Download the image at `url` (at most `max_bytes`); None, logged, when it cannot be had.
-    The URL is not logged: image links often carry signatures."""
-    host = urlsplit(url).hostname or "?"
-    try:
-        async with session.get(url, timeout=deadline) as resp:
-            if resp.status != 200:
-                log.warning("image from %s: HTTP %d; linking it instead", host, resp.status)
-                return None
-            ctype = resp.content_type
-            if not ctype.startswith("image/"):
-                log.warning("image from %s is %s, not an image; linking it instead", host, ctype)
-                return None
-            if resp.content_length is not None and resp.content_length > max_bytes:
-                log.warning("image from %s is over %d bytes; linking it instead", host, max_bytes)
-                return None
-            data = bytearray()
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                data += chunk
-                if len(data) > max_bytes:
-                    log.warning(
-                        "image from %s is over %d bytes; linking it instead", host, max_bytes
-                    )
-                    return None
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        log.warning(
-            "image from %s could not be fetched (%s); linking it instead", host, type(exc).__name__
-        )
-        return None
-    ext = _EXTENSIONS.get(ctype, ctype.removeprefix("image/").split("+")[0] or "img")
-    return Image(f"{name}.{re.sub(r'[^a-z0-9]', '', ext) or 'img'}", bytes(data), ctype)
-
-
 class MessageGone(Exception):
     """The message to edit no longer exists (deleted in the channel): post a new one."""
 
@@ -258,6 +206,8 @@ class ChatTarget:
         self._refs: OrderedDict[str, MessageRef] = OrderedDict()
         self._waiting: OrderedDict[str, Rank] = OrderedDict()  # newest deferred state per task
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        # Sources whose images may come from private addresses (their allow_private_images).
+        self.private_images: frozenset[str] = frozenset()
 
     # -- the Target seam --------------------------------------------------------------------
 
@@ -317,6 +267,8 @@ class ChatTarget:
                 f"mj-{re.sub(r'[^A-Za-z0-9_-]', '', view.task_id)[:40] or 'task'}",
                 max_bytes=int(self._config.max_image_bytes),
                 deadline=self._timeout,
+                allow_private=self._config.allow_private_images
+                or item.event.source in self.private_images,
             )
         if ref is None:
             message_id = await self._create(view, image)

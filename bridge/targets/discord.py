@@ -17,8 +17,9 @@ import orjson
 from bridge.config import DiscordTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import iso
-from bridge.targets.chat import ChatTarget, Image, Look, MessageGone, TaskView, clip
+from bridge.targets.chat import ChatTarget, Look, MessageGone, TaskView, clip
 from bridge.targets.http import classify, request, retry_after
+from bridge.targets.images import Image
 
 if TYPE_CHECKING:
     from bridge.store import Store

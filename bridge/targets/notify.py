@@ -13,7 +13,9 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 import apprise
+from apprise.attachment.memory import AttachMemory
 from apprise.manager_plugins import NotificationManager
 
 from bridge.config import AppriseTargetConfig
@@ -21,6 +23,7 @@ from bridge.errors import DeliveryError, Redactor
 from bridge.models import Status
 from bridge.store import OutboxItem
 from bridge.targets.http import retryable_status
+from bridge.targets.images import Image, fetch_image
 from bridge.templates import digest_text
 
 log = logging.getLogger(__name__)
@@ -50,9 +53,16 @@ def _retryable(reason: str) -> bool:
 class AppriseTarget:
     """Sends through apprise from worker threads, at most `concurrency` at a time."""
 
-    def __init__(self, name: str, config: AppriseTargetConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: AppriseTargetConfig,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
         self.name = name
         self._config = config
+        self._session = session  # image downloads (attach_image); apprise does its own sending
+        self.private_images: frozenset[str] = frozenset()  # sources allowed private image URLs
         self._redact = Redactor([config.url])
         load_plugins()
         # No apprise-side deadline: the socket timeouts below bound a call, and without a
@@ -81,17 +91,35 @@ class AppriseTarget:
     async def send(self, item: OutboxItem) -> None:
         image = None
         task = item.event.task or {}
-        if self._config.attach_image and task.get("status") == Status.SUCCESS:
+        if (
+            self._config.attach_image
+            and task.get("status") == Status.SUCCESS
+            and self.supports_attachments
+            and self._session is not None
+        ):
             url = task.get("imageUrl")
             if isinstance(url, str) and url.startswith(("http://", "https://")):
-                image = url
+                # Downloaded here, not by apprise: public addresses and image/* only (images.py).
+                image = await fetch_image(
+                    self._session,
+                    url,
+                    f"mj-{re.sub(r'[^A-Za-z0-9_-]', '', str(task.get('id') or ''))[:40] or 'task'}",
+                    max_bytes=int(self._config.max_image_bytes),
+                    deadline=aiohttp.ClientTimeout(total=self._config.timeout),
+                    allow_private=self._config.allow_private_images
+                    or item.event.source in self.private_images,
+                )
+                if image is None:
+                    log.warning(
+                        "%s: the task image was not attached; sending without it", self.name
+                    )
         await self._notify(item.title, item.body, image)
 
     async def send_digest(self, items: Sequence[OutboxItem]) -> None:
         title, body = digest_text(items)
         await self._notify(title, body, None)
 
-    async def _notify(self, title: str, body: str, image: str | None) -> None:
+    async def _notify(self, title: str, body: str, image: Image | None) -> None:
         if self._service is None:
             raise DeliveryError(
                 f"{self.name}: {self._redact(self._config.url)} is not a valid apprise URL",
@@ -103,18 +131,15 @@ class AppriseTarget:
             reason = self._redact(reason)
             raise DeliveryError(f"{self.name}: {reason}", retryable=_retryable(reason))
 
-    def _notify_blocking(self, title: str, body: str, image: str | None) -> tuple[bool, str]:
+    def _notify_blocking(self, title: str, body: str, image: Image | None) -> tuple[bool, str]:
         attach = None
-        if image is not None and self.supports_attachments:
+        if image is not None:
             attach = apprise.AppriseAttachment(asset=self._asset)
-            attach.add(image)
-            # Touching the attachment downloads it; an expired image URL should not keep the
-            # notification itself from going out, so it is sent without.
-            if not attach[0]:
-                log.warning(
-                    "%s: the task image could not be fetched; sending without it", self.name
+            attach.add(
+                AttachMemory(  # type: ignore[no-untyped-call]
+                    content=image.data, name=image.name, mimetype=image.content_type
                 )
-                attach = None
+            )
         # apprise captures a call's reasons through its logger, so that logger must pass
         # warnings whatever the process's logging set-up (bridge.logs keeps them off screen).
         if _APPRISE_LOG.getEffectiveLevel() > logging.WARNING:
