@@ -6,6 +6,7 @@ aiohttp's access log, apprise) stay at warnings unless asked for with `-vv`."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -46,6 +47,18 @@ def fields(
     return {k: v for k, v in values.items() if v is not None}
 
 
+# A URL's path and query, and an HTTP request line's target: where webhook URLs keep their tokens.
+_URL_PATH = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s'\"<>]+)/[^\s'\"<>]*", re.IGNORECASE)
+_REQUEST_LINE = re.compile(r"\b(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) /[^\s'\"]*")
+
+
+def strip_paths(text: str) -> str:
+    """`https://host/api/webhooks/1/TOKEN?x=y` -> `https://host/...`; `POST /a/b HTTP/1.1` ->
+    `POST /... HTTP/1.1`. Applied to the libraries' records (apprise, urllib3, aiohttp): they print
+    the URLs they call, and a webhook URL's path is a secret."""
+    return _REQUEST_LINE.sub(r"\1 /...", _URL_PATH.sub(r"\1/...", text))
+
+
 class RedactingFilter(logging.Filter):
     """Renders the message once, redacts it, and stores the result so handlers print it as is."""
 
@@ -59,6 +72,8 @@ class RedactingFilter(logging.Filter):
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
             record.exc_text = None
+        if not (record.name == "bridge" or record.name.startswith("bridge.")):
+            message = strip_paths(message)
         record.msg = self.redactor(message)
         record.args = None
         for name in FIELDS:

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 
+from bridge.config import Config
 from bridge.errors import Redactor
 from bridge.logs import FIELDS, JsonFormatter, RedactingFilter, TextFormatter
 from bridge.simulator import Simulator
@@ -178,3 +180,43 @@ def test_json_fields_are_redacted_too() -> None:
     entry = orjson.loads(JsonFormatter().format(record))
     assert entry["target"] == "hook"
     assert "S3CRETPASS" not in entry["task"]
+
+
+@pytest.mark.parametrize(
+    ("logger", "message"),
+    [
+        (
+            "urllib3.connectionpool",
+            'http://127.0.0.1:80 "POST /api/webhooks/1/T0KEN-xyz HTTP/1.1" 204',
+        ),
+        ("apprise", "JSON POST URL: http://127.0.0.1:9/hooks/T0KEN-xyz?sig=T0KEN-xyz (cert: 1)"),
+        ("aiohttp.client", "GET https://cdn.example/attachments/1/2/T0KEN-xyz.png"),
+    ],
+    ids=["urllib3", "apprise", "aiohttp"],
+)
+def test_libraries_never_print_request_paths(logger: str, message: str) -> None:
+    """At -vv the libraries log the URLs they call; a webhook URL's path is a secret."""
+    record = logging.LogRecord(logger, logging.DEBUG, __file__, 1, message, None, None)
+    assert RedactingFilter(Redactor()).filter(record)
+    assert "T0KEN-xyz" not in record.getMessage()
+    assert "127.0.0.1" in record.getMessage() or "cdn.example" in record.getMessage()
+
+
+def test_webhook_and_apprise_urls_are_secrets_whole_and_in_part() -> None:
+    config = Config.model_validate(
+        {
+            "targets": {
+                "hook": {"webhook": "https://hooks.example/in/T0KEN-abcdef?key=K3Y-abcdef"},
+                "chat": "json://chat.example/post/T0KEN-ghijkl",
+            }
+        }
+    )
+    redact = Redactor(config.secrets())
+    for leaked in (
+        "error POSTing https://hooks.example/in/T0KEN-abcdef?key=K3Y-abcdef",
+        "POST /in/T0KEN-abcdef?key=K3Y-abcdef failed",  # as a library prints it, without the host
+        "http://chat.example/post/T0KEN-ghijkl said 500",
+    ):
+        shown = redact(leaked)
+        assert "T0KEN" not in shown
+        assert "K3Y" not in shown

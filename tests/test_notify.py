@@ -245,7 +245,8 @@ async def test_a_redirect_to_a_refused_address_is_not_followed(
             deadline=aiohttp.ClientTimeout(total=5),
             refused=lambda address: False,
         )
-        assert image is not None and image.data == PNG
+        assert image is not None
+        assert image.data == PNG
 
 
 @pytest.mark.parametrize(

@@ -550,9 +550,9 @@ class Config(Strict):
         for t in self.targets.values():
             match t:
                 case AppriseTargetConfig(url=url):
-                    found += [url, *_url_tail(url)]
+                    found += url_secrets(url)
                 case WebhookTargetConfig(webhook=webhook, secret=secret, headers=headers):
-                    found += [webhook, *_url_tail(webhook)]
+                    found += url_secrets(webhook)
                     found += [v for v in (secret, *headers.values()) if v]
                 case DiscordTargetConfig():
                     found += [t.discord, t.webhook_token]
@@ -563,13 +563,13 @@ class Config(Strict):
         return found
 
 
-def _url_tail(url: str) -> list[str]:
-    """The path and query of a webhook or apprise URL: where such URLs keep their tokens, so they
-    count as secrets wherever they appear (a library's log line shows them without the host).
-    Short tails (`/hook`) carry no token and would only blot out ordinary words."""
+def url_secrets(url: str) -> list[str]:
+    """A webhook or apprise URL whole, and its path and query: where such URLs keep their tokens,
+    so they count as secrets wherever they appear (a library's log line shows them without the
+    host). Short tails (`/hook`) carry no token and would only blot out ordinary words."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return []
+        return [url]
     tail = parts.path + (f"?{parts.query}" if parts.query else "")
-    return [t for t in (tail, parts.query) if len(t) >= 8]
+    return [url, *(t for t in (tail, parts.query) if len(t) >= 8)]

@@ -59,7 +59,6 @@ ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 _TRICKS = re.compile(r"(?:^|/)\.\.?(?:/|$)|%2e|%2f|%5c|%00|\\|//", re.IGNORECASE)
 _FORWARDED = ("Content-Type", "Accept", "Accept-Language", "User-Agent")
 _ANSWERED = ("Content-Type", "Content-Disposition", "Cache-Control", "Retry-After", "ETag")
-_CLIENT_AUTH = ("Authorization", "mj-api-secret")
 
 
 def add_routes(app: web.Application) -> None:
@@ -97,15 +96,16 @@ def _route(request: web.Request, path: str) -> tuple[SourceHandle, str] | web.Re
 
 
 def _client_ok(request: web.Request, config: SourceConfig, tokens: list[str]) -> bool:
-    """The caller knows the source's key (in its scheme) or holds a pass-through token."""
-    given = [request.headers.get(h, "") for h in _CLIENT_AUTH]
-    given += [g[7:].strip() for g in given if g[:7].lower() == "bearer "]
-    expected = [v for v in auth_headers(config.auth, config.api_key).values()]
-    expected += [f"Bearer {t}" for t in tokens] + tokens
+    """The caller sends the source's key in the source's scheme, or a pass-through token in
+    that scheme or as `Authorization: Bearer`. Every pair is compared (constant time each)."""
+    expected = list(auth_headers(config.auth, config.api_key).items())
+    for token in tokens:
+        expected += [("Authorization", f"Bearer {token}")]
+        expected += auth_headers(config.auth if config.auth != "none" else "bearer", token).items()
     ok = False
-    for value in given:
-        for wanted in expected:
-            ok |= bool(value) and same(value, wanted)  # no early exit: constant time per call
+    for name, wanted in expected:
+        given = request.headers.get(name, "")
+        ok |= bool(given) and same(given, wanted)  # no early exit
     return ok
 
 
@@ -239,6 +239,11 @@ async def _forward(request: web.Request, handle: SourceHandle, path: str) -> web
     except BodyRefused:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        cause: BaseException | None = exc
+        while cause is not None:  # the client wraps what the streamed body raised
+            if isinstance(cause, BodyRefused):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
         why = redact(str(exc) or type(exc).__name__)
         log.warning("%s: pass-through %s %s failed: %s", config.name, request.method, path, why)
         return refuse(502, f"the upstream did not answer: {why}")

@@ -19,6 +19,7 @@ from apprise.attachment.memory import AttachMemory
 from apprise.manager_plugins import NotificationManager
 
 from bridge.config import AppriseTargetConfig
+from bridge.config.schema import url_secrets
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import Status
 from bridge.store import OutboxItem
@@ -63,7 +64,7 @@ class AppriseTarget:
         self._config = config
         self._session = session  # image downloads (attach_image); apprise does its own sending
         self.private_images: frozenset[str] = frozenset()  # sources allowed private image URLs
-        self._redact = Redactor([config.url])
+        self._redact = Redactor(url_secrets(config.url))
         load_plugins()
         # No apprise-side deadline: the socket timeouts below bound a call, and without a
         # deadline apprise sends in the calling thread instead of handing off to another pool.

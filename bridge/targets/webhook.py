@@ -20,6 +20,7 @@ import orjson
 from yarl import URL
 
 from bridge.config import WebhookTargetConfig
+from bridge.config.schema import url_secrets
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import event_id
 from bridge.store import OutboxItem
@@ -84,7 +85,12 @@ class WebhookTarget:
         self._binary = config.mode == "binary"
         self._prefix = config.type_prefix
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
-        self._redact = Redactor([v for v in (config.secret, *config.headers.values()) if v])
+        self._redact = Redactor(
+            [
+                *url_secrets(config.webhook),
+                *(v for v in (config.secret, *config.headers.values()) if v),
+            ]
+        )
 
     async def send(self, item: OutboxItem) -> None:
         if not (self._binary or self._prefix):
