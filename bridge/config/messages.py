@@ -151,6 +151,16 @@ EXAMPLES: dict[str, str] = {
     "rules": " with one '- name: ...' item per rule",
     "server": ", such as {listen: '127.0.0.1:8787'}",
     "group": ", such as {by: [source], wait: 30s}",
+    "url": ", an apprise URL such as 'mailtos://user:pass@smtp.example.com?to=a@example.com'",
+    "webhook": ", such as https://pipeline.example.com/mj-events",
+    "discord": ", such as ${DISCORD_WEBHOOK}",
+    "slack": ", a channel such as '#mj' or C0123456789",
+    "token": ", such as ${SLACK_BOT_TOKEN}",
+    "secret": ", such as ${PIPELINE_SECRET}",
+    "push_token": ", such as ${MJ_PUSH_TOKEN}",
+    "api_base": ", such as https://discord.com/api/v10",
+    "public_url": ", such as https://bridge.example.com",
+    "type_prefix": ", such as com.example.mj.",
 }
 _MAPPING = "expected a mapping (key: value lines indented below the key, or {key: value})"
 _TYPES: dict[str, str] = {
@@ -165,7 +175,7 @@ _TYPES: dict[str, str] = {
     "model_type": _MAPPING,
     "model_attributes_type": _MAPPING,
     "tuple_type": "expected a list",
-    "byte_size_parsing": "expected a size such as 512KB or 8MiB",
+    "byte_size": "expected a size such as 512KB or 8MiB",
     "byte_size_unit": "expected a size such as 512KB or 8MiB",
 }
 _BOUNDS = {
@@ -193,11 +203,16 @@ def value_message(doc: Document, loc: Loc, error: ErrorDetails, value: Any) -> s
         return f"{dotted(loc)}: put a space after ':' (write {m[2]}: value)"
     if kind in _TYPES:
         text = _TYPES[kind]
-        if "such as" not in text and (example := EXAMPLES.get(field)):
+        example = EXAMPLES.get(field) if not isinstance(loc[-1], int) else None
+        if field == "name" and loc[:1] == ("rules",):
+            example = ", such as failures"
+        if "such as" not in text and example:
             text += example
         if kind == "string_type" and isinstance(value, bool | int | float):
             text += " (put it in quotes)"
         return f"{dotted(loc)}: {text}"
+    if kind in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
+        return f"{dotted(loc)}: must not be empty"
     if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
         key, text = _BOUNDS[kind]
         return f"{dotted(loc)}: {text.format(ctx[key])}"

@@ -42,8 +42,10 @@ def parse_duration(value: object) -> float:
         seconds = float(m[1]) * _UNITS[m[2]]
     elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
         seconds = float(value)  # a bare number of seconds, e.g. from ${POLL:-5}
-    if seconds is None:
+    if seconds is None and isinstance(value, str):
         raise ValueError(f"{shown(value)} is not a duration such as 250ms, 5s, 2m or 1h")
+    if seconds is None:
+        raise ValueError("expected a duration such as 250ms, 5s, 2m or 1h")
     if seconds < 0:
         raise ValueError("a duration cannot be negative (write one such as 250ms, 5s or 2m)")
     if not math.isfinite(seconds):
@@ -92,7 +94,9 @@ def parse_rate(value: object) -> tuple[int, float]:
         if count <= 0:
             raise ValueError("a rate needs at least 1 per period")
         return count, _RATE_UNITS[m[2]]
-    raise ValueError(f"{shown(value)} is not a rate such as 30/min, 5/s or 100/h")
+    if isinstance(value, str):
+        raise ValueError(f"{shown(value)} is not a rate such as 30/min, 5/s or 100/h")
+    raise ValueError("expected a rate such as 30/min, 5/s or 100/h")
 
 
 def http_url_problem(value: str) -> str | None:
