@@ -119,6 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "receive",
+        help="a sink for trying the rules: verifies and prints each webhook and chat delivery",
+        description="Listen where the rules' webhook and apprise json:// targets point, verify "
+        "each webhook's Standard Webhooks signature with its target's secret from the rules "
+        "file, and print every event and chat message as it arrives. Stops on SIGINT/SIGTERM.",
+    )
+    config_arg(p)
+    p.add_argument(
+        "--listen",
+        default=os.environ.get("BRIDGE_RECEIVE_LISTEN", "127.0.0.1:9000"),
+        help="HOST:PORT to listen on (default: $BRIDGE_RECEIVE_LISTEN or 127.0.0.1:9000; "
+        "':9000' for every interface, in a container)",
+    )
+
+    p = sub.add_parser(
         "explain",
         help="dry run: which rules match an event and what each target would get",
         description="Read an event (CloudEvents JSON as the webhook body carries it, or a stored "
@@ -296,6 +311,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                 )
                 return EXIT_FAILURE
             return EXIT_OK
+        case "receive":
+            from bridge.receive import receive
+
+            rules = load_config(args.config) if Path(args.config).exists() else None
+            try:
+                return asyncio.run(receive(rules, args.listen, lambda s: print(s, flush=True)))
+            except OSError as exc:
+                print(f"bridge: cannot listen on {args.listen}: {_why(exc)}", file=sys.stderr)
+                return EXIT_FAILURE
         case "explain":
             from bridge.explain import explain
 

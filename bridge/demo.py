@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import hmac
 import logging
 import secrets
 import sys
@@ -15,15 +13,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import orjson
-from aiohttp import web
 
 from bridge.app import Bridge
 from bridge.config import Config
 from bridge.models import TERMINAL, Event
+from bridge.receive import Key, Sink
 from bridge.simulator import Simulator
+from bridge.targets.webhook import signing_key
 
 # (prompt, outcome, steps): one of each ending a user meets.
 SCRIPT = [
@@ -36,51 +32,6 @@ GREEN, RED, DIM, BOLD, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[1m", "\0
 
 def _paint(text: str, colour: str) -> str:
     return f"{colour}{text}{RESET}" if sys.stdout.isatty() else text
-
-
-class Receiver:
-    """A stand-in for the user's pipeline: verifies each Standard Webhooks signature and prints."""
-
-    def __init__(self, secret: str, show: Callable[[str], None]) -> None:
-        self.key = base64.b64decode(secret.removeprefix("whsec_"))
-        self.show = show
-        self.received: list[dict[str, Any]] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/{name}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = self.runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        name = request.match_info["name"]
-        if name == "chat":  # apprise json://: {"title", "message", "type", ...}
-            note = orjson.loads(body)
-            self.show(_paint(f"  ✉ chat     {note.get('title', '')}", DIM))
-            return web.Response(text="ok")
-        msg_id = request.headers.get("webhook-id", "")
-        stamp = request.headers.get("webhook-timestamp", "")
-        signed = f"{msg_id}.{stamp}.".encode() + body
-        expected = base64.b64encode(hmac.new(self.key, signed, hashlib.sha256).digest()).decode()
-        given = [s.partition(",")[2] for s in request.headers.get("webhook-signature", "").split()]
-        ok = any(hmac.compare_digest(expected, g) for g in given)
-        event = orjson.loads(body)
-        self.received.append(event)
-        check = _paint("signature ok", GREEN) if ok else _paint("BAD SIGNATURE", RED)
-        self.show(f"  ✓ delivered {event['type']:<15} {event['subject']}  -> pipeline ({check})")
-        return web.Response(status=204 if ok else 401)
 
 
 def _describe(event: Event) -> str:
@@ -98,7 +49,7 @@ def _describe(event: Event) -> str:
 
 async def demo(seconds: float = 60.0, show: Callable[[str], None] = print) -> int:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    receiver = Receiver(secret, show)
+    receiver = Sink([Key("pipeline", "/pipeline", signing_key(secret))], {"/chat": "chat"}, show)
     sim = Simulator("midjourney-proxy", api_key="demo-key", seed=7)
     with tempfile.TemporaryDirectory(prefix="mj-bridge-demo-") as tmp:
         await sim.start()
@@ -117,7 +68,7 @@ async def demo(seconds: float = 60.0, show: Callable[[str], None] = print) -> in
 
 async def _play(
     sim: Simulator,
-    receiver: Receiver,
+    receiver: Sink,
     secret: str,
     db: Path,
     seconds: float,
@@ -162,15 +113,15 @@ async def _play(
     while time.monotonic() < deadline and not runner.done():
         sim.tick()
         await asyncio.sleep(0.5)
-        ends = {e["subject"] for e in receiver.received if e["type"] in _TERMINAL_EVENTS}
+        ends = {e["subject"] for e in receiver.events if e["type"] in _TERMINAL_EVENTS}
         if all((sim.task(i) or {}).get("status") in TERMINAL for i in ids) and ends >= set(ids):
             finished = True
             break
     await asyncio.sleep(0.5)  # let the chat notifications land
     bridge.stop()
     await runner
-    seen = sorted({e["type"] for e in receiver.received})
-    show(f"\n  {len(receiver.received)} events delivered, signed; types: {', '.join(seen)}")
+    seen = sorted({e["type"] for e in receiver.events})
+    show(f"\n  {len(receiver.events)} events delivered, signed; types: {', '.join(seen)}")
     if not finished:
         show(_paint("  demo did not finish in time", RED))
         return 1
