@@ -1,7 +1,7 @@
 """The README's tour, run as the README writes it: `bridge simulate`, `bridge receive` and
-`bridge run` with the shipped rules.yaml, each a real process. Only the ports differ (free ones, through the
-environment the rules file reads and the commands' own flags), so a test run never collides with
-a tour someone is trying on the same machine."""
+`bridge run` with the shipped rules.yaml, each a real process. Only the ports differ (free ones,
+through the environment the rules file reads and the commands' own flags), so a test run never
+collides with a tour someone is trying on the same machine."""
 
 from __future__ import annotations
 
