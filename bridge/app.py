@@ -221,7 +221,7 @@ async def run_service(config: Config, db: str, config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, bridge.stop)
     loop.add_signal_handler(signal.SIGTERM, bridge.stop)
-    loop.add_signal_handler(signal.SIGHUP, watcher.reload_now)
+    loop.add_signal_handler(signal.SIGHUP, watcher.request_reload)
     watching = asyncio.create_task(watcher.run())
     try:
         await bridge.run()

@@ -88,6 +88,14 @@ def test_hostile_file_is_a_plain_problem(
     assert str(problems[0]) == f"{path}:{line}:{column}: {message}", [str(p) for p in problems]
 
 
+def test_a_byte_that_is_not_utf8_is_pointed_at(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"rules:\n  - name: caf\xe9\n")
+    assert [str(p) for p in check(path, {})] == [
+        f"{path}:2:14: this byte is not UTF-8 text (save the file as UTF-8)"
+    ]
+
+
 def test_a_file_too_large_is_refused_unread(tmp_path: Path) -> None:
     path = write(tmp_path, "# padding\n" * (MAX_BYTES // 10 + 1))
     [problem] = check(path, {})

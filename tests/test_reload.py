@@ -105,3 +105,20 @@ async def test_polling_picks_up_changes(tmp_path: Path) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_sighup_reloads_from_the_polling_loop(tmp_path: Path) -> None:
+    """SIGHUP asks the running watcher; the file is read off the loop, changed or not."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(GOOD)
+    seen = Recorder()
+    watcher = ConfigWatcher(path, seen.changed, seen.failed, interval=3600, env={})
+    task = asyncio.create_task(watcher.run())
+    try:
+        watcher.request_reload()
+        await asyncio.wait_for(seen.seen.wait(), timeout=10)
+        assert [names(c) for c in seen.configs] == [["one"]]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

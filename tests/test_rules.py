@@ -315,3 +315,36 @@ def test_route_explain_and_cancels_agree_and_cancels_respect_the_throttle() -> N
     assert throttled.deliveries == ()
     assert [d.target for d in router.route([again])] == ["c"]
     assert router.cancels(again) == []  # no second cancel inside the throttle window
+
+
+def test_a_rule_is_compiled_once_with_its_problems_and_their_paths() -> None:
+    """compile_rule is the one parse of a rule: the loader maps these paths to FILE:LINE:COL,
+    the router runs what compiled."""
+    from bridge.rules import RuleIssue, compile_rule
+
+    rule = RuleConfig.model_validate(
+        {
+            "name": "r",
+            "on": ["task.complete", "task.failed"],
+            "to": ["t", "nowhere"],
+            "when": {"action": ["IMAGINE", "/(/"], "failreason": "x", "source": "mj"},
+            "group": {"by": ["source", "bad..path"]},
+            "title": "{{ task.prompt | trunc(5) }}",
+        }
+    )
+    compiled, issues = compile_rule(rule, targets=["t"], sources=["midjourney"])
+    assert [(i.path, i.key) for i in issues] == [
+        (("on", 0), False),
+        (("to", 1), False),
+        (("when", "action", 1), False),
+        (("when", "failreason"), True),
+        (("when", "source", 0), False),
+        (("group", "by", 1), False),
+        (("title",), False),
+    ]
+    assert issues[0] == RuleIssue(
+        ("on", 0), "unknown event type 'task.complete' (did you mean 'task.succeeded'?)"
+    )
+    assert issues[-1].message.endswith("(did you mean 'truncate'?)")
+    # What compiled still runs: the source condition; the broken ones are left out.
+    assert [c.path.key for c in compiled.conditions] == ["source"]

@@ -133,7 +133,11 @@ def _load(
     except OSError as exc:
         return None, [Problem(file, 1, 1, f"cannot read the file: {exc.strerror or exc}")]
     except UnicodeDecodeError as exc:
-        return None, [Problem(file, 1, 1, f"the file is not UTF-8 text (byte {exc.start + 1})")]
+        data = exc.object
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        message = "this byte is not UTF-8 text (save the file as UTF-8)"
+        return None, [Problem(file, line, column, message)]
     except ValueError as exc:
         return None, [Problem(file, 1, 1, str(exc))]
     doc = Document(file, text, dict(os.environ) if env is None else env)

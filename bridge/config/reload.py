@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ class ConfigWatcher:
         self._on_error = on_error
         self._env = env
         self._digest = self._read_digest()  # the content the running config came from
+        self._wake = asyncio.Event()
 
     def _read_digest(self) -> str | None:
         digest = hashlib.blake2b(digest_size=16)
@@ -82,12 +84,19 @@ class ConfigWatcher:
         """For SIGHUP: validate and swap in the file as it is now, changed or not."""
         return self.check_now(force=True)
 
+    def request_reload(self) -> None:
+        """For SIGHUP: reload at once from `run()`, off the event loop, changed or not."""
+        self._wake.set()
+
     async def run(self) -> None:
         """Poll until cancelled. The file is read in a thread (a large one takes a moment to
         parse); the callbacks run on the loop."""
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            force = self._wake.is_set()
+            self._wake.clear()
             try:
-                self._apply(await asyncio.to_thread(self._read, False))
+                self._apply(await asyncio.to_thread(self._read, force))
             except Exception:
                 log.exception("config reload failed; still watching %s", self.path)
