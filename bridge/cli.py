@@ -357,13 +357,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "send-test":
             from bridge.dlq import send_test_command
 
-            config = load_config(args.config)
+            config = load_config(args.config, sections=("targets",), only={"targets": args.target})
             return asyncio.run(send_test_command(config, args.target))
         case "track":
             from bridge.commands import track_command
 
             # Only what track needs: another target's unset ${SECRET} does not stop it.
-            config = load_config(args.config, sections=("sources", "server"))
+            config = load_config(
+                args.config, sections=("sources", "server"), only={"sources": args.source}
+            )
             return asyncio.run(track_command(config, args.db, args.source, args.ids))
         case "hash-password":
             from bridge.commands import hash_password_command

@@ -60,9 +60,11 @@ def test_track_reads_only_the_sources_and_the_server(
     """`bridge track` needs the source, not another target's `${PIPELINE_SECRET}`; and says
     exactly what happened the second time."""
     monkeypatch.delenv("PIPELINE_SECRET", raising=False)
+    monkeypatch.delenv("OTHER_KEY", raising=False)
     path = tmp_path / "rules.yaml"
     path.write_text(
         "sources:\n  - {name: relay, base_url: 'http://127.0.0.1:9'}\n"
+        "  - {name: other, base_url: 'http://127.0.0.1:9', api_key: '${OTHER_KEY}'}\n"
         "targets:\n  pipeline: {webhook: 'http://127.0.0.1:9/in', secret: '${PIPELINE_SECRET}'}\n"
         "rules:\n  - {name: r, to: pipeline}\n"
     )
@@ -77,3 +79,22 @@ def test_track_reads_only_the_sources_and_the_server(
     assert (
         capsys.readouterr().out == "relay: already followed (1 task id(s) known); nothing stored\n"
     )
+
+
+def test_send_test_reads_only_its_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge send-test hook` needs the hook, not the Slack token of another target; an unknown
+    name still lists every target."""
+    monkeypatch.delenv("SLACK_BOT_TOKEN", raising=False)
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "targets:\n  hook: {webhook: 'http://127.0.0.1:9/in', max_age: 1s, timeout: 1s}\n"
+        "  team: {slack: '#mj', token: '${SLACK_BOT_TOKEN}'}\n"
+    )
+    assert main(["send-test", "-c", str(path), "nope"]) == 2
+    assert "SLACK_BOT_TOKEN" in capsys.readouterr().err  # the whole file was read: all named
+    code = main(["send-test", "-c", str(path), "hook"])
+    captured = capsys.readouterr()
+    assert "SLACK_BOT_TOKEN" not in captured.out + captured.err
+    assert code == 1  # nothing listens on port 9: a delivery failure, not a config error

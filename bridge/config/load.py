@@ -6,7 +6,7 @@ what to change (`messages`). Nothing a file holds makes loading raise anything b
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,33 @@ def _read(path: Path) -> str:
     return data.decode("utf-8")
 
 
+def _only(root: yaml.MappingNode, section: str, name: str) -> None:
+    """Keep one entry of a section (a target by its key, a source by its name), when it exists."""
+    for key, value in root.value:
+        if getattr(key, "value", None) != section:
+            continue
+        kept: list[Any]
+        if isinstance(value, yaml.MappingNode):
+            kept = [(k, v) for k, v in value.value if getattr(k, "value", None) == name]
+        elif isinstance(value, yaml.SequenceNode):
+            kept = [
+                item
+                for item in value.value
+                if isinstance(item, yaml.MappingNode)
+                and any(getattr(k, "value", None) == "name" and getattr(v, "value", None) == name
+                        for k, v in item.value)
+            ]  # fmt: skip
+        else:
+            return
+        if kept:
+            value.value = kept
+
+
 def _load(
-    path: Path, env: dict[str, str] | None, sections: Collection[str] = SECTIONS
+    path: Path,
+    env: dict[str, str] | None,
+    sections: Collection[str] = SECTIONS,
+    only: Mapping[str, str] | None = None,
 ) -> tuple[Config | None, list[Problem]]:
     file = str(path)
     try:
@@ -154,6 +179,8 @@ def _load(
     elif isinstance(root, yaml.MappingNode) and set(sections) != set(SECTIONS):
         # A command that needs a part of the file reads only that part (and its variables).
         root.value = [(k, v) for k, v in root.value if getattr(k, "value", None) in sections]
+        for section, name in (only or {}).items():
+            _only(root, section, name)
     try:
         raw = doc.build(root, ())
     except TooBig as exc:
@@ -186,12 +213,16 @@ def check(path: str | Path, env: dict[str, str] | None = None) -> list[Problem]:
 
 
 def load_config(
-    path: str | Path, env: dict[str, str] | None = None, *, sections: Collection[str] = SECTIONS
+    path: str | Path,
+    env: dict[str, str] | None = None,
+    *,
+    sections: Collection[str] = SECTIONS,
+    only: Mapping[str, str] | None = None,
 ) -> Config:
     """Read and validate rules.yaml. Raises ConfigError with every problem found. `sections`
-    limits reading to the top-level keys a command needs (the others and their variables are
-    not read)."""
-    config, problems = _load(Path(path), env, sections)
+    limits reading to the top-level keys a command needs, and `only` to one named entry of a
+    section ({"targets": "hook"}); the rest and its variables are not read."""
+    config, problems = _load(Path(path), env, sections, only)
     if problems or config is None:
         raise ConfigError(problems)
     return config
