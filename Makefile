@@ -5,16 +5,27 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint browser promtool bench clean constraints
 
-$(VENV): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	touch $(VENV)
+# Two layers in one venv: what the bridge needs to run (`make demo` installs only that), and the
+# dev extra on top (tests, linters, browser; everything else asks for it). `make .venv` is both.
+RUN := $(VENV)/.run
+DEV := $(VENV)/.dev
 
-demo: $(VENV)
+$(RUN): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $(RUN)
+
+$(DEV): $(RUN)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(DEV)
+
+$(VENV): $(DEV)
+
+demo: $(RUN)
 	$(BIN)/bridge demo
 
-lint: $(VENV)
+lint: $(DEV)
 	$(BIN)/ruff format --check bridge tests bench
 	$(BIN)/ruff check bridge tests bench
 	$(BIN)/mypy --strict bridge
@@ -31,7 +42,7 @@ promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \
 		|| echo "promtool could not be installed: tests/test_metrics.py will skip its check" >&2
 
-bench: $(VENV)
+bench: $(DEV)
 	$(BIN)/python -m bench
 
 clean:
