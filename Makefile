@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint browser promtool bench clean constraints
+.PHONY: demo test lint browser promtool bench clean constraints docker-test
 
 # Two layers in one venv: what the bridge needs to run (`make demo` installs only that), and the
 # dev extra on top (tests, linters, browser; everything else asks for it). `make .venv` is both.
@@ -62,3 +62,10 @@ constraints:
 	  .constraints-venv/bin/pip freeze --exclude mj-bridge; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf .constraints-venv build
+
+# -- the container ---------------------------------------------------------------------------------
+# Builds the Dockerfile and checks the running image (tests/test_docker.py); as root it installs and
+# starts what is missing: Debian's docker.io engine, and a debootstrap stand-in for the base image
+# where none can be pulled. What it checks and how: docs/operations.md, "Running in Docker".
+docker-test: $(VENV)
+	bash .ci/docker-test
