@@ -87,3 +87,12 @@ async def eventually(check: Callable[[], object], within: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.01)
+
+
+async def advance(harness: Harness, sim: Any, ticks: int) -> None:
+    """Move the simulator's tasks `ticks` steps, letting the bridge see each step."""
+    watcher = harness.running.watchers["mj"]
+    for _ in range(ticks):
+        sim.tick()
+        polls = watcher.status.polls
+        await eventually(lambda polls=polls: watcher.status.polls >= polls + 2)  # type: ignore[misc]

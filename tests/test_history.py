@@ -19,7 +19,7 @@ from bridge.config import load_config
 from bridge.simulator import Simulator
 from bridge.store.history import CursorError, EventQuery, decode_cursor
 from tests import pg
-from tests.conftest_browser import SIM_KEY, Harness, eventually, running_bridge
+from tests.conftest_browser import SIM_KEY, Harness, advance, eventually, running_bridge
 from tests.receiver import Receiver
 
 RULES = """
@@ -71,15 +71,6 @@ async def running(
             await advance(harness, sim, 4)
             await eventually(lambda: harness.running.deliverer.counts[("gone", "dead")] >= 2)
             yield harness, sim, rules
-
-
-async def advance(harness: Harness, sim: Simulator, ticks: int) -> None:
-    """Move the simulator's tasks `ticks` steps, letting the bridge see each step."""
-    watcher = harness.running.watchers["mj"]
-    for _ in range(ticks):
-        sim.tick()
-        polls = watcher.status.polls
-        await eventually(lambda polls=polls: watcher.status.polls >= polls + 2)  # type: ignore[misc]
 
 
 async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from bridge.config import ServerConfig
-from bridge.server import auth, page, passthrough, probes, push
+from bridge.server import api, auth, page, passthrough, probes, push
 from bridge.server.auth import operator
 from bridge.server.edge import EDGE, SERVED, Edge, Live, Served, SourceHandle
 
@@ -79,6 +79,7 @@ def build_app(edge: Edge, config: ServerConfig) -> web.Application:
     app.router.add_post("/login", auth.login)
     app.router.add_post("/logout", auth.logout)
     app.router.add_get("/static/style.css", page.stylesheet)
+    api.add_routes(app)  # /api/...: events, tasks, dead letters, the OpenAPI document
     passthrough.add_routes(app)  # /mj/... and /{prefix}/mj/..., last: they match widely
     return app
 

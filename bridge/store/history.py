@@ -5,8 +5,7 @@ backends' SQL (they differ in placeholders and in how the outbox names its event
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,17 +61,35 @@ class TaskView:
     deliveries: list[OutboxRow]
 
 
-def encode_cursor(time: float, seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{time!r}:{seq}".encode()).decode().rstrip("=")
+#: What a cursor looks like: the row's time (epoch seconds) and its tie-breaker (an event's seq,
+#: a delivery's id), e.g. `1796104429.924939_1234`. Plain text: it hides nothing and any string of
+#: this shape is a position to page from.
+CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,9})?_[!-~]{1,200}$"
+EVENT_CURSOR = r"^[0-9]{1,12}(\.[0-9]{1,9})?_[0-9]{1,18}$"
+_CURSOR = re.compile(CURSOR)
+_EVENT_CURSOR = re.compile(EVENT_CURSOR)
 
 
-def decode_cursor(cursor: str) -> tuple[float, int]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        time, seq = raw.split(":")
-        return float(time), int(seq)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise CursorError("not a cursor this bridge handed out") from exc
+def encode_cursor(time: float, key: int | str) -> str:
+    return f"{time!r}_{key}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    if not _CURSOR.fullmatch(cursor):
+        raise CursorError("not a cursor: TIME_KEY as the previous page's next gave it")
+    time, key = cursor.split("_", 1)
+    return float(time), key
+
+
+def _event_cursor(cursor: str) -> tuple[float, int]:
+    if not _EVENT_CURSOR.fullmatch(cursor):
+        raise CursorError("not an events cursor: TIME_SEQ as the previous page's next gave it")
+    at, key = decode_cursor(cursor)
+    return at, int(key)
+
+
+def dead_cursor(row: OutboxRow) -> str:
+    return encode_cursor(row.updated_at, row.item.id)
 
 
 class History(Protocol):
@@ -81,7 +98,7 @@ class History(Protocol):
     async def deliveries(self, event_ids: Sequence[str]) -> list[OutboxRow]: ...
     async def task(self, source: str, id: str) -> TaskView: ...
     async def dead(
-        self, target: str | None = None, limit: int = 100, before: float | None = None
+        self, target: str | None = None, limit: int = 100, before: str | None = None
     ) -> list[OutboxRow]: ...
 
 
@@ -137,11 +154,11 @@ class SqlHistory:
         order = "DESC"
         if query.before is not None:
             where.append("(time < ? OR (time = ? AND seq < ?))")
-            at, seq = decode_cursor(query.before)
+            at, seq = _event_cursor(query.before)
             params += [at, at, seq]
         if query.after is not None:
             where.append("(time > ? OR (time = ? AND seq > ?))")
-            at, seq = decode_cursor(query.after)
+            at, seq = _event_cursor(query.after)
             params += [at, at, seq]
             order = "ASC"
         limit = max(1, min(query.limit, MAX_LIMIT))
@@ -200,16 +217,18 @@ class SqlHistory:
         return TaskView(source, id, state, events, deliveries)
 
     async def dead(
-        self, target: str | None = None, limit: int = 100, before: float | None = None
+        self, target: str | None = None, limit: int = 100, before: str | None = None
     ) -> list[OutboxRow]:
+        """Dead letters, newest first; `before` is `dead_cursor()` of the last row of a page."""
         where = ["o.state = 'dead'"]
         params: list[Any] = []
         if target is not None:
             where.append("o.target = ?")
             params.append(target)
         if before is not None:
-            where.append("o.updated_at < ?")
-            params.append(before)
+            at, key = decode_cursor(before)
+            where.append("(o.updated_at < ? OR (o.updated_at = ? AND o.id > ?))")
+            params += [at, at, key]
         sql = (
             f"SELECT {_ITEM}, o.state, o.updated_at FROM outbox o JOIN events e ON {self._join} "
             f"WHERE {' AND '.join(where)} ORDER BY o.updated_at DESC, o.id LIMIT ?"
