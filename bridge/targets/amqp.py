@@ -6,6 +6,7 @@ broker's ack is the delivery's success. Attributes follow the CloudEvents AMQP b
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,16 @@ class AmqpTarget:
                 f"{self.name}: no publisher confirm within {self._config.timeout:g}s",
                 retryable=True,
             ) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being stopped
+            # aiormq cancels the confirms it waits for when its reader dies (connection lost).
+            await self.link.drop(link)
+            raise DeliveryError(
+                f"{self.name}: connection to {self.link.where} lost while publishing",
+                retryable=True,
+            ) from None
         except aio_pika.exceptions.CONNECTION_EXCEPTIONS as exc:
             # The channel or the connection is gone (also a channel the broker closed over an
             # error, such as an exchange deleted under us): a new one is opened for the next send.

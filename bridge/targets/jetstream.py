@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -32,13 +31,19 @@ class NatsTarget:
             pass  # connection errors reach the delivery as a DeliveryError; nats-py would log
 
         # nats-py's own reconnect is off: the Link reconnects, with backoff, on the next send.
-        return await nats.connect(
-            servers=[self._config.nats],
-            name="mj-bridge",
-            allow_reconnect=False,
-            connect_timeout=max(1, round(self._config.timeout)),
-            error_cb=quiet,
-        )
+        nc = Client()
+        try:
+            await nc.connect(
+                servers=[self._config.nats],
+                name="mj-bridge",
+                allow_reconnect=False,
+                connect_timeout=max(1, round(self._config.timeout)),
+                error_cb=quiet,
+            )
+        except BaseException:
+            await nc.close()  # a failed first connect leaves its socket open otherwise
+            raise
+        return nc
 
     @staticmethod
     async def _disconnect(nc: Client) -> None:
