@@ -4,11 +4,13 @@ to complain about, and the series an operator builds alerts and dashboards on ar
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import orjson
@@ -17,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.models import utcnow
 from bridge.simulator import Simulator
 from tests.conftest_browser import PUSH_TOKEN, SIM_KEY, Harness, eventually, running_bridge
 from tests.receiver import Receiver
@@ -112,3 +115,26 @@ async def test_metrics_pass_promtool_and_carry_latency_state_and_build(
     # The target state: the failing one is down, the other up.
     assert got[("bridge_target_up", (("target", "hook"),))] == 1
     assert got[("bridge_target_up", (("target", "gone"),))] == 0
+
+
+def test_the_grafana_dashboard_asks_only_for_series_the_bridge_serves() -> None:
+    """docs/grafana/mj-bridge.json (written by docs/dashboard.py) names no metric /metrics lacks."""
+    from bridge.metrics import Metrics
+    from bridge.models import Event
+
+    metrics = Metrics()
+    metrics.event(Event(id="e", type="task.succeeded", source="mj", subject="1", time=utcnow()))
+    metrics.delivery("hook", "sent")
+    metrics.sent("hook", [0.2])
+    metrics.poll("mj", 0.01, True)
+    metrics.set_outbox({"hook": 1}, {"hook": 0}, ["hook"])
+    metrics.set_targets({"hook": SimpleNamespace(up=True)})
+    served = {s.name for f in text_string_to_metric_families(metrics.render().decode())
+              for s in f.samples}  # fmt: skip
+
+    doc = orjson.loads((Path(__file__).parent.parent / "docs/grafana/mj-bridge.json").read_bytes())
+    exprs = [t["expr"] for panel in doc["panels"] for t in panel["targets"]]
+    asked = {n for e in exprs for n in re.findall(r"\b(?:bridge|process|python)_[a-z_]+", e)}
+    assert len(doc["panels"]) >= 8
+    assert asked, exprs
+    assert asked <= served, asked - served
