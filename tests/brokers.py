@@ -115,6 +115,14 @@ class Sink:
         self._queue = await channel.declare_queue(self.tag, durable=True)
         self._stack.push_async_callback(self._queue.delete, if_unused=False, if_empty=False)
         await self._queue.bind(exchange, "#")
+        await self._queue.consume(self._on_amqp, no_ack=True)
+
+    async def _on_amqp(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        headers = {k: str(v) for k, v in (message.headers or {}).items()}
+        headers["content-type"] = message.content_type or ""
+        self.received.append(
+            Received(message.message_id or "", message.body, headers, message.routing_key or "")
+        )
 
     async def _open_redis(self) -> None:
         self._redis = redis.asyncio.Redis.from_url(URLS["redis"])
@@ -173,19 +181,6 @@ class Sink:
                             headers.get("Nats-Msg-Id", ""), msg.data or b"", headers, msg.subject
                         )
                     )
-            case "amqp":
-                assert self._queue is not None
-                while (message := await self._queue.get(no_ack=True, fail=False)) is not None:
-                    headers = {k: str(v) for k, v in (message.headers or {}).items()}
-                    headers["content-type"] = message.content_type or ""
-                    self.received.append(
-                        Received(
-                            message.message_id or "",
-                            message.body,
-                            headers,
-                            message.routing_key or "",
-                        )
-                    )
             case "redis":
                 assert self._redis is not None
                 last = self._last_redis_id if self.received else "-"
@@ -199,7 +194,7 @@ class Sink:
                     self.received.append(Received(headers.get("id", ""), body, headers, self.tag))
                     self._last_redis_id = entry_id
             case _:
-                pass  # the listener appends as messages come
+                pass  # AMQP and MQTT: the consumer appends as messages come
         return self.received
 
     _last_redis_id: Any = "-"
