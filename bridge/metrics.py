@@ -30,8 +30,25 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 
 
 class TargetState(Protocol):
+    """A target's health as the deliverer keeps it (deliver.TargetHealth)."""
+
     @property
     def up(self) -> bool: ...
+
+    @property
+    def failing_since(self) -> float | None: ...
+
+    @property
+    def failures(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def last_error_at(self) -> float | None: ...
+
+    @property
+    def last_ok(self) -> float | None: ...
 
 
 class Metrics:

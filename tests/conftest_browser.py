@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +56,11 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_bridge(config: Config, db: Path | str) -> AsyncIterator[Harness]:
+async def running_bridge(
+    config: Config, db: Path | str, *, polled: Collection[str] | None = None
+) -> AsyncIterator[Harness]:
     """Run `Bridge.run()` as a task until the block exits; waits for the first poll of every
-    source so tests start from a known state."""
+    source (or of those named in `polled`) so tests start from a known state."""
     bridge = Bridge(config, str(db))
     task = asyncio.create_task(bridge.run())
     try:
@@ -72,7 +74,13 @@ async def running_bridge(config: Config, db: Path | str) -> AsyncIterator[Harnes
         running = started.result()
         url = bridge.url
         assert url is not None, "the server is not bound"
-        await eventually(lambda: all(w.status.polls for w in running.watchers.values()))
+        await eventually(
+            lambda: all(
+                w.status.polls
+                for name, w in running.watchers.items()
+                if polled is None or name in polled
+            )
+        )
         yield Harness(bridge, running, url)
     finally:
         bridge.stop()

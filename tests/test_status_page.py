@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from bridge.simulator import Simulator
-from tests.conftest_browser import PUSH_TOKEN, SIM_KEY, Harness, eventually, make_config
+from tests.conftest_browser import PUSH_TOKEN, SIM_KEY, Harness, advance, eventually, make_config
 from tests.conftest_browser import running_bridge as running
 from tests.receiver import Receiver, Reply
 
@@ -229,3 +229,143 @@ async def test_the_page_says_what_delay_a_large_queue_only_upstream_allows(
             note = page.locator('#sources p[data-note="mj"]')
             await expect(note).to_contain_text("up to 60s (full_every) late")
             await expect(note).to_contain_text("mj.notify-hook: http://BRIDGE:PORT/hooks/mj")
+
+
+@pytest.fixture
+async def busy(
+    rx: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Harness, Simulator, list[str]]]:
+    """Twelve finished tasks; a target that is down (failing), one that refuses every success for
+    good (twelve dead letters); a source with a wrong key; pages of 10 events and 5 dead letters."""
+    from bridge.config import Config
+    from bridge.server import page as status
+
+    monkeypatch.setattr(status, "EVENTS_PAGE", 10)
+    monkeypatch.setattr(status, "DEAD_PAGE", 5)
+    async with (
+        Simulator(flavor="midjourney-proxy", api_key=SIM_KEY) as sim,
+        Receiver(Reply(410, b"gone for good")) as refusing,
+    ):
+        config = Config.model_validate(
+            {
+                "sources": [
+                    {
+                        "name": "mj",
+                        "base_url": sim.url,
+                        "api_key": SIM_KEY,
+                        "auth": "mj-api-secret",
+                        "poll_interval": "100ms",
+                    },
+                    {
+                        "name": "locked",
+                        "base_url": sim.url,
+                        "api_key": "wrong-key",
+                        "auth": "mj-api-secret",
+                        "poll_interval": "100ms",
+                    },
+                ],
+                "targets": {
+                    "hook": {"webhook": f"{rx.url}/hook"},
+                    "archive": {"webhook": "http://127.0.0.1:9/archive"},
+                    "audit": {"webhook": f"{refusing.url}/audit"},
+                },
+                "rules": [
+                    {"name": "all", "on": ["task.*"], "to": ["hook"]},
+                    {"name": "keep", "on": ["task.succeeded"], "to": ["archive", "audit"]},
+                ],
+                "server": {"listen": "127.0.0.1:0"},
+            }
+        )
+        async with running(config, tmp_path / "b.db", polled=["mj"]) as harness:
+            prompts = [f"lighthouse number {n} in a storm" for n in range(12)]
+            for prompt in prompts:
+                sim.add_task(prompt, steps=1)
+            await advance(harness, sim, 4)
+            counts = harness.running.deliverer.counts
+            await eventually(lambda: counts[("audit", "dead")] == 12)
+            await eventually(lambda: not harness.running.targets["archive"].up)
+            yield harness, sim, prompts
+
+
+async def _rows(page: Page, section: str) -> list[str]:
+    return await page.locator(f"#{section} tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.event || r.dataset.dead)"
+    )
+
+
+async def test_the_page_puts_failures_first_shows_images_and_filters_and_pages(
+    busy: tuple[Harness, Simulator, list[str]], page: Page
+) -> None:
+    harness, _, prompts = busy
+    await page.goto(harness.url + "/")
+    # A failing target comes first, with its last error and since when.
+    sections = await page.locator("section").evaluate_all("s => s.map(e => e.id)")
+    assert sections[0] == "failing", sections
+    alarm = page.locator('#failing [data-failing="archive"]')
+    await expect(alarm).to_contain_text("failing since 20")
+    await expect(alarm).to_contain_text("127.0.0.1:9")
+    await expect(alarm.locator(".error .at")).to_contain_text("UTC")
+    await expect(page.locator('#failing [data-failing="hook"]')).to_have_count(0)
+    # Every error has a time: the source with the wrong key, a target's, the deliveries'.
+    locked = page.locator('#sources tr[data-source="locked"] td.error')
+    await expect(locked).to_contain_text("auth")
+    await expect(locked.locator(".at")).to_contain_text("UTC")
+    await expect(page.locator('#targets tr[data-target="archive"] td.error .at')).to_contain_text(
+        "UTC"
+    )
+    # Thumbnails of finished tasks, loaded from the upstream's CDN.
+    thumbs = page.locator("#images img")
+    await expect(thumbs).to_have_count(12)
+    await expect(page.locator("#events td.thumb img").first).to_be_visible()
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('#images img')].every(i => i.naturalWidth > 0)"
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "status-page-busy.png"), full_page=True)
+
+    # Pages of 10 events, then older ones, never the same twice.
+    first = await _rows(page, "events")
+    assert len(first) == 10
+    await page.click("#events-older")
+    second = await _rows(page, "events")
+    assert second
+    assert not set(first) & set(second)
+    await page.click("#events-newest")
+    assert await _rows(page, "events") == first
+
+    # Filters: by type, by text, by source.
+    await page.select_option('#filters select[name="type"]', "task.succeeded")
+    await page.click('#filters button[type="submit"]')
+    types = await page.locator("#events tbody .badge.type").all_inner_texts()
+    assert set(types) == {"task.succeeded"}
+    assert len(types) == 10
+    await page.fill('#filters input[name="q"]', "NUMBER 7 in")
+    await page.click('#filters button[type="submit"]')
+    await expect(page.locator("#events tbody tr")).to_have_count(1)
+    await expect(page.locator("#events tbody tr td.prompt")).to_have_text(prompts[7])
+    await page.goto(harness.url + "/?source=locked")
+    types = await page.locator("#events tbody .badge.type").all_inner_texts()
+    assert types == ["source.down"]
+    await page.goto(harness.url + "/?source=locked&type=task.*")
+    await expect(page.locator("#events")).to_contain_text("No events match.")
+
+    # One click from an event to its JSON, with its deliveries.
+    await page.goto(harness.url + "/?type=task.succeeded")
+    event_id = await page.locator("#events tbody tr").first.get_attribute("data-event")
+    await page.locator("#events tbody tr a.json").first.click()
+    body = orjson.loads(await page.locator("body").inner_text())
+    assert body["event"]["id"] == event_id
+    states = {d["target"]: d["state"] for d in body["deliveries"]}
+    assert states["hook"] == "sent"
+    assert states["audit"] == "dead"
+    assert states["archive"] in ("pending", "inflight")
+
+    # Dead letters: pages of 5, newest first, each with when it died.
+    await page.goto(harness.url + "/?target=audit")
+    dead_first = await _rows(page, "dead")
+    assert len(dead_first) == 5
+    await expect(page.locator("#dead tbody tr").first.locator("td").first).to_contain_text("UTC")
+    await page.click("#dead-older")
+    dead_second = await _rows(page, "dead")
+    assert len(dead_second) == 5
+    assert not set(dead_first) & set(dead_second)

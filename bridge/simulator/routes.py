@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import responses as r
 from .lifecycle import INSTANCE_ID, SimTask, action_for_custom_id, banned_word, outcome_for_prompt
+from .picture import picture
 from .render import NZ_LACKS, task_bytes
 
 if TYPE_CHECKING:
@@ -294,8 +295,8 @@ class Api:
 
     async def _attachment(self, request: web.Request) -> web.Response:
         tail = request.match_info["tail"]
-        kind = "image/webp" if tail.endswith(".webp") else "image/png"
-        return web.Response(body=PNG, content_type=kind)
+        # A PNG whatever the name says (.webp included): browsers sniff the bytes.
+        return web.Response(body=picture(tail), content_type="image/png")
 
     # /mj/submit/* ---------------------------------------------------------------------------------
 

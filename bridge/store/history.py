@@ -45,6 +45,7 @@ class EventQuery:
     types: Sequence[str] = ()
     source: str | None = None
     task: str | None = None
+    text: str | None = None  # found anywhere in the event's JSON (prompt, id, reason), any case
     since: float | None = None
     until: float | None = None
     before: str | None = None
@@ -145,6 +146,14 @@ class SqlHistory:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if query.text:
+            # A scan of the events' JSON: fine for the status page's search over days of events;
+            # instr/position rather than LIKE, so % and _ in the text are just characters.
+            if self._postgres:
+                where.append("position(lower(?) in lower(convert_from(json, 'UTF8'))) > 0")
+            else:
+                where.append("instr(lower(CAST(json AS TEXT)), lower(?)) > 0")
+            params.append(query.text)
         if query.since is not None:
             where.append("time >= ?")
             params.append(query.since)
