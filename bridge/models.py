@@ -181,6 +181,9 @@ class Delivery:
     body: str
     group: str | None = None
     not_before: datetime | None = None
+    # Set when the rule's template went over a limit of the sandbox: the delivery is stored as a
+    # dead letter with this reason (watch.Pipeline), carrying the default title and body.
+    error: str | None = None
 
 
 def delivery_id(event_id: str, target: str) -> str:

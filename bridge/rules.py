@@ -25,6 +25,7 @@ from bridge.conditions import (
     parse_path,
 )
 from bridge.models import EVENT_TYPES, Delivery, Event, EventType, delivery_id
+from bridge.sandbox import TemplateLimit
 from bridge.suggest import EVENT_MEANINGS, FILTER_MEANINGS, suggest
 
 if TYPE_CHECKING:
@@ -84,13 +85,20 @@ class CompiledRule:
                 return why
         return None
 
-    def render(self, event: Event) -> tuple[str, str]:
+    def render(self, event: Event) -> tuple[str, str, str | None]:
+        """Title, body and, when a template of the rule went over a limit of the sandbox, why:
+        the texts are then the defaults, and the deliveries become dead letters saying so."""
         ctx = templates.context(event, self.name)
         title_default = templates.default_title(event.type)
         body_default = templates.default_body(event.type)
-        title = templates.render_text(self.config.title or title_default, ctx, title_default)
-        body = templates.render_text(self.config.body or body_default, ctx, body_default)
-        return templates.oneline(title), body
+        try:
+            title = templates.render_text(self.config.title or title_default, ctx, title_default)
+            body = templates.render_text(self.config.body or body_default, ctx, body_default)
+        except TemplateLimit as exc:
+            title = templates.render_text(title_default, ctx, templates.FALLBACK_TITLE)
+            body = templates.render_text(body_default, ctx, templates.FALLBACK_BODY)
+            return templates.oneline(title), body, f"rule '{self.name}': template stopped: {exc}"
+        return templates.oneline(title), body, None
 
     def group_key(self, event: Event) -> str | None:
         if self.group_by is None:
@@ -327,7 +335,9 @@ class Router:
             targets = [t for t in rule.config.to if t not in claimed]
             claimed.update(dict.fromkeys(targets, rule.name))
             textless = record and self._textless.issuperset(targets)
-            title, body = ("", "") if textless or not targets else rule.render(event)
+            title, body, error = ("", "", None) if textless or not targets else rule.render(event)
+            if error is not None:
+                notes.append(f"{error}; its deliveries become dead letters with the default text")
             group, not_before = self._digest(rule, event, record) if targets else (None, None)
             if group is not None and not_before is not None:
                 after = max(0.0, not_before.timestamp() - event.time.timestamp())
@@ -337,7 +347,15 @@ class Router:
                 )
             deliveries = tuple(
                 Delivery(
-                    delivery_id(event.id, t), t, rule.name, event, title, body, group, not_before
+                    delivery_id(event.id, t),
+                    t,
+                    rule.name,
+                    event,
+                    title,
+                    body,
+                    group,
+                    not_before,
+                    error,
                 )
                 for t in targets
             )

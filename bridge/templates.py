@@ -15,9 +15,9 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from jinja2 import ChainableUndefined, Template, TemplateError, Undefined, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.models import Event, iso
+from bridge.sandbox import BoundedEnvironment, TemplateLimit
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def oneline(value: object) -> str:
     return "" if _missing(value) else " ".join(str(value).split())
 
 
-ENV = ImmutableSandboxedEnvironment(
+ENV = BoundedEnvironment(
     autoescape=False,
     undefined=ChainableUndefined,
     trim_blocks=True,
@@ -124,6 +124,7 @@ ENV.filters.update(
     took=took,
     oneline=oneline,
 )
+ENV.bound_filters()
 _TZ_ARG = {"localtime": 0, "datetime": 1}  # position of the zone among a filter's arguments
 
 
@@ -257,9 +258,13 @@ def default_body(event_type: str) -> str:
 
 def render_text(source: str, ctx: Mapping[str, Any], fallback: str) -> str:
     """Render `source`; a template that fails at render time (a sandbox refusal, a filter that
-    chokes on odd data) falls back to the default text rather than losing the notification."""
+    chokes on odd data) falls back to the default text rather than losing the notification.
+    One that goes over a limit of the sandbox (TemplateLimit) is not hidden: it is raised, and
+    the rule's delivery becomes a dead letter that says so."""
     try:
         return render(compile_template(source), ctx)
+    except TemplateLimit:
+        raise
     except Exception as exc:
         log.warning("template failed, using the default text: %s", type(exc).__name__)
         return render(compile_template(fallback), ctx)

@@ -13,6 +13,7 @@ from jinja2 import Template
 
 from bridge import templates
 from bridge.models import Event
+from bridge.sandbox import TemplateLimit
 
 Kind = Literal["nats", "amqp", "redis", "mqtt"]
 
@@ -86,6 +87,8 @@ def problem(source: str, kind: Kind) -> str | None:
         return f"template error: {failure[1]}"
     try:
         rendered = templates.compile_template(source).render(context(sample_event())).strip()
+    except TemplateLimit as exc:
+        return f"template error: {exc}"
     except Exception as exc:  # a sandbox refusal or a filter choking on the sample
         return f"template error: {type(exc).__name__}"
     if not rendered and kind != "amqp":

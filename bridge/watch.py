@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from bridge.actions import UpstreamActions
@@ -31,6 +32,8 @@ from bridge.sources.probe import choose_reader
 from bridge.store import Store
 
 log = logging.getLogger("bridge.watch")
+
+_NEVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -53,9 +56,20 @@ class Pipeline:
         seen: bool = True,
     ) -> list[Event]:
         deliveries = self.router.route(events, now) if events else []
+        failed = [d for d in deliveries if d.error is not None]
+        if failed:
+            # A template over a sandbox limit: stored as never due, then made a dead letter with
+            # the reason (a crash in between leaves it pending and unsent, never sent).
+            deliveries = [replace(d, not_before=_NEVER) if d.error else d for d in deliveries]
         new = await self.store.commit(
             source, states, events, deliveries, seen=seen, progress=self.wake
         )
+        if failed:
+            stored = {event.id for event in new}
+            for d in failed:
+                if d.event.id in stored and d.error is not None:
+                    log.error("%s: %s", d.target, d.error, extra=fields(source=source))
+                    await self.store.mark_dead(d.id, d.error)
         if deliveries:
             self.wake()
         for event in new:

@@ -228,3 +228,55 @@ def test_a_failure_digest_gives_the_count_and_the_top_reasons() -> None:
     many = digest_text(items * 3)[1]
     assert f"… and {36 - DIGEST_LISTED} more" in many
     assert many.count("• ") == DIGEST_LISTED
+
+
+HOSTILE = [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+    ("{{ 'a' * 10**9 }}", "repetition"),
+    ("{{ 'a' | center(1000000000) }}", "center"),
+    ("{{ '%999999999d' % 1 }}", "format width"),
+    ("{{ '{:>999999999}'.format(1) }}", "format"),
+    ("{{ 10 ** 100000 }}", "bits"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s | length }}", "concatenation"),
+    ("{{ range(100000) | map('center', 60000) | join }}", "characters"),
+    ("{{ range(20000) | map(attribute='real') | join('x' * 1000) }}", "join"),
+    ("{{ ('a' * 100000) | replace('a', 'b' * 100) }}", "replace"),
+    ("{{ 'x' | indent(10000000) }}", "indent"),
+    ("{{ {'a': [1] * 1000} | tojson(indent=100000) }}", "tojson"),
+    ("{{ (range(100000) | list) * 100 }}", "repetition"),
+    ("{% macro f() %}{% for i in range(10000) %}" + "x" * 80 + "{% endfor %}{% endmacro %}"
+     "{% set x = f() %}ok", "output"),
+    ("{{ task.prompt * 10000 }}", "output exceeds"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("source", "limit"), HOSTILE, ids=[s[:40] for s, _ in HOSTILE])
+def test_a_hostile_template_stops_at_a_limit_and_its_delivery_is_a_dead_letter(
+    source: str, limit: str
+) -> None:
+    """Each would pin the event loop or the memory for seconds to hours without the sandbox's
+    budget; with it the rule's delivery carries the default text and the reason, to become a
+    dead letter. `bridge check` accepts them (they compile) without folding anything."""
+    assert templates.check_template(source) is None
+    rule = {"name": "r", "to": ["t"], "body": source}
+    config = Config.model_validate({"targets": {"t": "json://127.0.0.1:9"}, "rules": [rule]})
+    delivery = Router(config).route([event("task.succeeded")], T0.timestamp())[0]
+    assert delivery.error is not None
+    assert delivery.error.startswith("rule 'r': template stopped: ")
+    assert limit in delivery.error
+    assert "Prompt: dog playing ball --v 7" in delivery.body  # the default body
+
+
+def test_ordinary_templates_stay_within_the_limits() -> None:
+    buttons = [{"label": f"U{i}"} for i in range(50)]
+    task = {**TASK, "buttons": buttons, "prompt": "p" * 6000}
+    source = (
+        "{% for b in task.buttons %}{{ loop.index }}:{{ b.label | upper }} {% endfor %}"
+        "{{ task.prompt | truncate(100) }} {{ task | tojson | length }} {{ range(500) | sum }}"
+        "{{ '%5.1f' % 3.14159 }} {{ '{:>6}'.format(task.progress) }} {{ 2 ** 62 }}"
+    )
+    _, body = rendered(event("task.succeeded", task), body=source)
+    assert body.startswith("1:U0 2:U1 ")
+    assert "124750" in body
+    assert "  3.1" in body
