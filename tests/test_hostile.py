@@ -4,7 +4,6 @@ deliveries go on, and SIGTERM still stops it cleanly."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import subprocess
@@ -66,13 +65,6 @@ server:
 """
 
 
-async def polled(sim: Simulator, count: int) -> None:
-    """Until the simulator has answered `count` reading requests."""
-    async with asyncio.timeout(30):
-        while sum(path.startswith("/mj/task/") for _, path in sim.requests) < count:
-            await asyncio.sleep(0.05)
-
-
 def delivered(rx: Receiver) -> set[tuple[str, str]]:
     return {(r.json()["subject"], r.json()["type"]) for r in rx.requests}
 
@@ -85,11 +77,12 @@ async def test_rows_the_bridge_cannot_handle_are_junk_not_the_end(tmp_path: Path
         aiohttp.ClientSession() as http,
     ):
         up.rows = [*JUNK, GOOD]
+        sim.seed_tasks(1)  # so that the first contact says so in the log
         async with BridgeProcess(tmp_path, config(up, sim, rx)) as bridge:
             url = await bridge.serving()
             await rx.wait_for(1)
             await up.wait_lists(up.lists + 5)  # five more polls of the hostile rows
-            await polled(sim, 3)
+            await bridge.wait_log(r"sim: first contact")  # recorded without events
             tid = sim.add_task("a lighthouse", outcome="success", steps=1)
             sim.tick(3)
             await rx.wait_for(2)
@@ -174,6 +167,7 @@ async def test_an_answer_that_never_ends_is_cut_at_max_response(tmp_path: Path) 
         Receiver() as rx,
     ):
         up.endless = True
+        sim.seed_tasks(1)  # so that the first contact says so in the log
         # A long timeout, so that the cap (not the clock) is what ends the read.
         async with BridgeProcess(tmp_path, config(up, sim, rx, timeout="300s")) as bridge:
             await bridge.serving()
@@ -181,7 +175,7 @@ async def test_an_answer_that_never_ends_is_cut_at_max_response(tmp_path: Path) 
             peak = bridge.peak_rss()
             up.endless = False
             up.rows = [GOOD]
-            await polled(sim, 3)
+            await bridge.wait_log(r"sim: first contact")  # recorded without events
             tid = sim.add_task("a lighthouse", outcome="success", steps=1)
             sim.tick(3)
             await rx.wait_for(2)
@@ -202,6 +196,7 @@ async def test_a_hostile_template_is_a_dead_letter_not_a_frozen_bridge(tmp_path:
         aiohttp.ClientSession() as http,
     ):
         port = rx.url.rsplit(":", 1)[1]
+        sim.seed_tasks(1)  # so that the first contact says so in the log
         text = f"""
 sources:
   - name: sim
@@ -224,7 +219,7 @@ server:
 """
         async with BridgeProcess(tmp_path, text) as bridge:
             url = await bridge.serving()
-            await polled(sim, 3)  # past the first contact, which records without events
+            await bridge.wait_log(r"sim: first contact")  # recorded without events
             tid = sim.add_task("a lighthouse", outcome="success", steps=1)
             sim.tick(3)
             await rx.wait_for(1, path="/fine")
