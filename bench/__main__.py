@@ -12,11 +12,12 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import Row, delivery, diff, latency, report, upstream
+from bench import Row, brokers, delivery, diff, latency, report, upstream
 
 FIGURES: dict[str, tuple[str, Callable[[bool], list[Row]]]] = {
     "diff": ("Diff: parse + normalise + diff of one poll", diff.run),
     "delivery": ("Delivery: durable outbox to a webhook", delivery.run),
+    "brokers": ("Brokers: durable outbox into NATS, RabbitMQ, Redis and MQTT", brokers.run),
     "latency": ("End-to-end latency: a task changes -> the webhook arrives", latency.run),
     "upstream": ("Upstream cost in steady state", upstream.run),
 }
