@@ -1,5 +1,6 @@
-"""Dead letters and test sends for the CLI: `bridge dlq list|replay` (`dlq_command`) and
-`bridge send-test TARGET` (`send_test_command`). The argument parsing lives in cli.py.
+"""Dead letters and test sends for the CLI: `bridge dlq replay` (`dlq_command`; listing is
+history_cli's `dlq_list_command`) and `bridge send-test TARGET` (`send_test_command`). The argument
+parsing lives in cli.py.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,49 +16,12 @@ import aiohttp
 
 from bridge.config import Config, TargetConfig
 from bridge.errors import DeliveryError, Redactor, redact
+from bridge.history_cli import dlq_list_command
 from bridge.models import Event, event_id
 from bridge.store import OutboxItem, Store, is_postgres
 from bridge.targets import build_target, close_targets
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-LIST_LIMIT = 1000
-
-_COLUMNS = ("ID", "TARGET", "EVENT", "SUBJECT", "ATTEMPTS", "LAST ERROR")
-_ERROR_WIDTH = 80
-
-
-def _cell(text: str, width: int | None = None) -> str:
-    text = " ".join(text.split())  # one line per row, whatever the error said
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def format_dead_letters(
-    items: Sequence[OutboxItem], redactor: Callable[[str], str] = redact
-) -> str:
-    """A plain-text table of dead letters: id, target, event type, subject, attempts, last error.
-    Errors go through `redactor` (pass the app's Redactor to hide configured secrets too)."""
-    if not items:
-        return "no dead letters"
-    rows = [
-        (
-            item.id,
-            item.target,
-            item.event.type,
-            item.event.subject,
-            str(item.attempts),
-            _cell(redactor(item.last_error or ""), _ERROR_WIDTH),
-        )
-        for item in items
-    ]
-    widths = [max(len(row[i]) for row in (_COLUMNS, *rows)) for i in range(len(_COLUMNS))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-
-    footer = f"{len(items)} dead letter{'s' if len(items) != 1 else ''}"
-    return "\n".join([line(_COLUMNS), *(line(r) for r in rows), footer])
 
 
 def sample_item(target: str, now: float | None = None) -> OutboxItem:
@@ -137,14 +101,9 @@ async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool
     if action == "replay" and ids and replay_all:
         print("bridge: dlq replay takes dead letter IDs or --all, not both", file=sys.stderr)
         return EXIT_USAGE
-    # `list` only looks: it opens the store read-only, and nothing else in it changes either way.
-    async with await Store.open(db, readonly=action == "list") as store:
-        if action == "list":
-            dead = await store.dead_letters(LIST_LIMIT)
-            print(format_dead_letters(dead))
-            if len(dead) == LIST_LIMIT:
-                print(f"(showing the latest {LIST_LIMIT})")
-            return EXIT_OK
+    if action == "list":  # only looks: read-only (history_cli)
+        return await dlq_list_command(db, None, as_json=False)
+    async with await Store.open(db) as store:
         if replay_all:
             count = await store.replay(None)
             print(f"replayed {count} dead letter{'s' if count != 1 else ''}")

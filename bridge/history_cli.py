@@ -7,7 +7,7 @@ import asyncio
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,12 @@ def rfc3339(ts: float) -> str:
 
 
 async def open_for_reading(db: str) -> Store | None:
-    """The store, or None (a message printed) when `db` names no SQLite file."""
+    """The store, read-only (nothing a running bridge holds is touched), or None (a message
+    printed) when `db` names no SQLite file."""
     if not is_postgres(db) and not await asyncio.to_thread(Path(db).exists):
         print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
         return None
-    return await Store.open(db)
+    return await Store.open(db, readonly=True)
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def _cell(text: str, width: int | None = None) -> str:
     return text
 
 
-def dead_letter_json(row: OutboxRow) -> dict[str, Any]:
+def dead_letter_json(row: OutboxRow, redactor: Callable[[str], str] = redact) -> dict[str, Any]:
     item, event = row.item, row.item.event
     return {
         "id": item.id,
@@ -172,13 +173,14 @@ def dead_letter_json(row: OutboxRow) -> dict[str, Any]:
         "attempts": item.attempts,
         "created_at": rfc3339(item.created_at),
         "died_at": rfc3339(row.updated_at),
-        "last_error": redact(item.last_error or ""),
+        "last_error": redactor(item.last_error or ""),
     }
 
 
-def format_dead_letters(rows: Sequence[OutboxRow]) -> str:
+def format_dead_letters(rows: Sequence[OutboxRow], redactor: Callable[[str], str] = redact) -> str:
     """A plain-text table: id, target, event type, task, when created and when it died
-    (UTC), attempts, last error (redacted)."""
+    (UTC), attempts, last error (through `redactor`: pass the app's Redactor to hide configured
+    secrets too)."""
     if not rows:
         return "no dead letters"
     cells = [
@@ -190,7 +192,7 @@ def format_dead_letters(rows: Sequence[OutboxRow]) -> str:
             rfc3339(row.item.created_at)[:19] + "Z",
             rfc3339(row.updated_at)[:19] + "Z",
             str(row.item.attempts),
-            _cell(redact(row.item.last_error or ""), _ERROR_WIDTH),
+            _cell(redactor(row.item.last_error or ""), _ERROR_WIDTH),
         )
         for row in rows
     ]

@@ -16,8 +16,9 @@ import pytest
 
 from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer, TokenBucket, backoff, units
-from bridge.dlq import dlq_command, format_dead_letters, send_test, send_test_command
+from bridge.dlq import dlq_command, send_test, send_test_command
 from bridge.errors import DeliveryError, Redactor
+from bridge.history_cli import format_dead_letters
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target
 from tests.receiver import Receiver, Reply, make_delivery, make_event
@@ -324,11 +325,13 @@ async def test_dead_letter_table_lists_and_redacts(
     async with hook(store, session, rx):
         await rx.wait_for(1)
         await settled(store)
-    dead = await store.dead_letters()
+    dead = await store.history.dead()
     table = format_dead_letters(dead, Redactor(["abc.def"]))
     header, row, footer = table.splitlines()
-    assert header.split() == ["ID", "TARGET", "EVENT", "SUBJECT", "ATTEMPTS", "LAST", "ERROR"]
-    assert row.startswith(dead[0].id)
+    assert header.split() == [
+        *("ID", "TARGET", "EVENT", "TASK", "CREATED", "DIED", "ATTEMPTS", "LAST", "ERROR")
+    ]
+    assert row.startswith(dead[0].item.id)
     assert "hook" in row
     assert "task.succeeded" in row
     assert " 1 " in row
