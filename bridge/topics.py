@@ -9,7 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from jinja2 import Template
+from jinja2 import Template, meta
 
 from bridge import templates
 from bridge.models import Event
@@ -65,6 +65,33 @@ def render(template: Template, event: Event, kind: Kind) -> str:
     if not name and kind != "amqp":  # the default exchange routes by key; "" is a valid key
         raise ValueError(f"the {NOUN[kind]} template rendered empty for event {event.id}")
     return name
+
+
+class Namer:
+    """`render` for one target's template, remembering the names of templates that use only the
+    event's short fields (the defaults use `source` and `type`): a busy target renders each
+    (source, type) once instead of once per event."""
+
+    CACHED = frozenset({"source", "type", "subject", "id"})
+    LIMIT = 4096
+
+    def __init__(self, source: str, kind: Kind) -> None:
+        self.template = templates.compile_template(source)
+        self.kind = kind
+        used = meta.find_undeclared_variables(templates.ENV.parse(source))
+        self._keys = tuple(sorted(used)) if used <= self.CACHED else None
+        self._names: dict[tuple[str, ...], str] = {}
+
+    def __call__(self, event: Event) -> str:
+        if self._keys is None:
+            return render(self.template, event, self.kind)
+        key = tuple(getattr(event, k) for k in self._keys)
+        name = self._names.get(key)
+        if name is None:
+            if len(self._names) >= self.LIMIT:
+                self._names.clear()
+            name = self._names[key] = render(self.template, event, self.kind)
+        return name
 
 
 def sample_event() -> Event:

@@ -20,7 +20,6 @@ from bridge.config import AmqpTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
-from bridge.templates import compile_template
 
 
 @dataclass(slots=True)
@@ -34,7 +33,7 @@ class AmqpTarget:
     def __init__(self, name: str, config: AmqpTargetConfig) -> None:
         self.name = name
         self._config = config
-        self._routing_key = compile_template(config.routing_key)
+        self._routing_key = topics.Namer(config.routing_key, "amqp")
         self.link: Link[_Channel] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> _Channel:
@@ -82,7 +81,7 @@ class AmqpTarget:
 
     async def send(self, item: OutboxItem) -> None:
         try:
-            key = topics.render(self._routing_key, item.event, "amqp")
+            key = self._routing_key(item.event)
         except ValueError as exc:
             raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
         message = self.message(item)

@@ -16,14 +16,13 @@ from bridge.config import NatsTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
-from bridge.templates import compile_template
 
 
 class NatsTarget:
     def __init__(self, name: str, config: NatsTargetConfig) -> None:
         self.name = name
         self._config = config
-        self._subject = compile_template(config.subject)
+        self._subject = topics.Namer(config.subject, "nats")
         self.link: Link[Client] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> Client:
@@ -61,7 +60,7 @@ class NatsTarget:
 
     async def send(self, item: OutboxItem) -> None:
         try:
-            subject = topics.render(self._subject, item.event, "nats")
+            subject = self._subject(item.event)
         except ValueError as exc:
             raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
         body = data_bytes(item) if self._config.mode == "binary" else item.payload

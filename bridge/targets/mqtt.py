@@ -21,14 +21,13 @@ from bridge.config import MqttTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
-from bridge.templates import compile_template
 
 
 class MqttTarget:
     def __init__(self, name: str, config: MqttTargetConfig) -> None:
         self.name = name
         self._config = config
-        self._topic = compile_template(config.topic_template)
+        self._topic = topics.Namer(config.topic_template, "mqtt")
         self.link: Link[aiomqtt.Client] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> aiomqtt.Client:
@@ -72,7 +71,7 @@ class MqttTarget:
 
     async def send(self, item: OutboxItem) -> None:
         try:
-            topic = topics.render(self._topic, item.event, "mqtt")
+            topic = self._topic(item.event)
         except ValueError as exc:
             raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
         body = data_bytes(item) if self._config.mode == "binary" else item.payload

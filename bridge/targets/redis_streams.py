@@ -19,7 +19,6 @@ from bridge.config import RedisTargetConfig
 from bridge.errors import DeliveryError
 from bridge.store import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
-from bridge.templates import compile_template
 
 # KEYS: stream, seen-key. ARGV: dedup seconds (0: off), maxlen (0: unbounded), then field/value
 # pairs. Returns the new entry's id, or false when the event was added within the dedup window.
@@ -47,7 +46,7 @@ class RedisTarget:
     def __init__(self, name: str, config: RedisTargetConfig) -> None:
         self.name = name
         self._config = config
-        self._stream = compile_template(config.stream)
+        self._stream = topics.Namer(config.stream, "redis")
         self._ttl = max(1, round(config.dedup)) if config.dedup > 0 else 0
         self.link: Link[tuple[redis.asyncio.Redis, AsyncScript]] = Link(
             name, config, self._connect, self._disconnect
@@ -96,7 +95,7 @@ class RedisTarget:
 
     async def send(self, item: OutboxItem) -> None:
         try:
-            stream = topics.render(self._stream, item.event, "redis")
+            stream = self._stream(item.event)
         except ValueError as exc:
             raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
         link = await self.link.get()
