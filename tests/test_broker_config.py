@@ -19,7 +19,7 @@ from bridge.config import (
 )
 from bridge.errors import Redactor
 from bridge.templates import compile_template
-from bridge.topics import clean, render, sample_event
+from bridge.topics import Namer, clean, render, sample_event
 
 GOOD = """
 targets:
@@ -126,3 +126,16 @@ def test_a_hostile_task_id_stays_inside_its_token() -> None:
     event = dataclasses.replace(sample_event(), subject="a.*>")
     name = render(compile_template("mj.{{ source }}.task.{{ subject }}"), event, "nats")
     assert name == "mj.mj.task.a.__"
+
+
+def test_names_follow_each_event_whatever_the_template_uses() -> None:
+    first = sample_event()
+    other = dataclasses.replace(first, type="task.failed", task={"status": "FAILURE"})
+    by_type = Namer("mj.{{ source }}.{{ type }}", "nats")
+    assert [by_type(e) for e in (first, other, first)] == [
+        "mj.mj.task.succeeded",
+        "mj.mj.task.failed",
+        "mj.mj.task.succeeded",
+    ]
+    by_status = Namer("mj/{{ task.status | lower }}", "mqtt")
+    assert [by_status(e) for e in (first, other)] == ["mj/success", "mj/failure"]
