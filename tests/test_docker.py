@@ -11,6 +11,7 @@ import asyncio
 import base64
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 from collections import Counter
@@ -310,3 +311,69 @@ async def test_docker_stop_hands_deliveries_back(deployment: Deployment) -> None
     delivered = Counter(r.headers["webhook-id"] for r in d.rx.requests)
     assert all(delivered[i] >= 2 for i in in_flight), "an in-flight delivery was lost"
     assert "no dead letters" in await docker("exec", second, "bridge", "dlq", "list")
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (the plugin) or Debian's `docker-compose` 1.29, whichever is here."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    found = shutil.which("docker-compose")
+    return [found] if found else None
+
+
+async def test_docker_compose_file_runs_the_tour() -> None:
+    tool = compose_command()
+    if tool is None:
+        pytest.skip("no compose tool here (docker compose or docker-compose)")
+    project = f"{LABEL}-{secrets.token_hex(4)}"
+    ports = {"SIM_PORT": free_port(), "RECEIVER_PORT": free_port(), "BRIDGE_PORT": free_port()}
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    env = dict(os.environ, BRIDGE_IMAGE=IMAGE, PIPELINE_SECRET=secret)
+    env.update({name: str(port) for name, port in ports.items()})
+    file = str(REPO / "docker-compose.yml")
+
+    async def compose(*args: str, within: float = 180.0) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *tool, "-f", file, "-p", project, *args,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        async with asyncio.timeout(within):
+            out, _ = await proc.communicate()
+        text = out.decode(errors="replace")
+        if proc.returncode != 0:
+            raise DockerError(f"{' '.join(tool)} {args[0]} exited {proc.returncode}:\n{text}")
+        return text
+
+    async def logs(service: str) -> str:
+        return await compose("logs", "--no-color", service)
+
+    try:
+        await compose("up", "-d", "--no-build")
+        bridge = (await compose("ps", "-q", "bridge")).strip()
+        healthz = f"http://127.0.0.1:{ports['BRIDGE_PORT']}/healthz"
+
+        async def delivered() -> bool:
+            if await docker("inspect", "-f", "{{.State.Running}}", bridge) != "true\n":
+                pytest.fail(f"the bridge stopped:\n{await logs('bridge')}")
+            return "task.succeeded" in await logs("receiver")
+
+        for _ in range(120):  # the simulator starts a task every 2 s
+            if await delivered():
+                break
+            await asyncio.sleep(1)
+        else:
+            pytest.fail(f"no event reached the receiver:\n{await compose('logs', '--no-color')}")
+        async with aiohttp.ClientSession() as s, s.get(healthz) as r:
+            assert r.status == 200
+
+        received = await logs("receiver")
+        assert "(signature verified)" in received  # with the secret both got from the shell
+        assert "refused" not in received
+        await compose("stop", within=60)
+        code = await docker("inspect", "-f", "{{.State.ExitCode}}", bridge)
+        assert code.strip() == "0", await logs("bridge")
+        everything = await compose("logs", "--no-color")
+        assert secret not in everything
+        assert secret.removeprefix("whsec_") not in everything
+    finally:
+        await compose("down", "-v", within=120)
