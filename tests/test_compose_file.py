@@ -1,6 +1,6 @@
-"""docker-compose.yml read as compose reads it, its ${VAR:-default}s with nothing set: the bridge's
-config passes `bridge check` in the bridge service's environment, and the three services'
-addresses meet. `make docker-test` also runs the file (tests/test_docker.py); this needs no Docker."""
+"""docker-compose.yml read as compose reads it, its ${VAR:-default}s with nothing set: the
+bridge's config passes `bridge check` in the bridge service's environment, and the three services'
+addresses meet. `make docker-test` runs the file too (tests/test_docker.py); this needs no engine."""
 
 from __future__ import annotations
 
