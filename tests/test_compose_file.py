@@ -1,6 +1,6 @@
 """docker-compose.yml read as compose reads it, its ${VAR:-default}s with nothing set: the
 bridge's config passes `bridge check` in the bridge service's environment, and the three services'
-addresses meet. `make docker-test` runs the file too (tests/test_docker.py); this needs no engine."""
+addresses meet. `make docker-test` runs the file too (tests/test_docker.py)."""
 
 from __future__ import annotations
 
