@@ -369,3 +369,54 @@ async def test_the_page_puts_failures_first_shows_images_and_filters_and_pages(
     dead_second = await _rows(page, "dead")
     assert len(dead_second) == 5
     assert not set(dead_first) & set(dead_second)
+
+
+async def test_login_page_and_dns_rebinding_in_chromium(rx: Receiver, tmp_path: Path) -> None:
+    """With server.auth: Chromium is sent to the login form, a wrong password stays there, the
+    right one shows the page, logging out ends it. A page on a name that resolves to the bridge
+    (DNS rebinding, simulated with Chromium's resolver rules) gets 421 and no data."""
+    from bridge.config import ServerConfig, hash_password
+
+    password = "correct horse battery"
+    async with Simulator(flavor="midjourney-proxy", api_key=SIM_KEY) as sim:
+        config = make_config(sim.url, rx.url)
+        server = ServerConfig.model_validate(
+            {"listen": "127.0.0.1:0", "auth": {"users": {"ann": hash_password(password)}}}
+        )
+        config = config.model_copy(update={"server": server})
+        async with running(config, tmp_path / "b.db") as harness, async_playwright() as p:
+            await push(harness, sim.task(sim.add_task("a secret prompt")))
+            port = harness.url.rsplit(":", 1)[1]
+            browser = await p.chromium.launch(
+                executable_path=str(CHROMIUM),
+                args=[*ARGS, "--host-resolver-rules=MAP rebind.example 127.0.0.1"],
+            )
+            try:
+                page = await browser.new_page()
+                await page.goto(harness.url + "/")
+                await expect(page).to_have_title("mj-bridge: log in")
+                assert "a secret prompt" not in await page.content()
+                await page.fill('input[name="user"]', "ann")
+                await page.fill('input[name="password"]', "wrong")
+                await page.click('button[type="submit"]')
+                await expect(page.locator("#failed")).to_be_visible()
+                await page.fill('input[name="user"]', "ann")
+                await page.fill('input[name="password"]', password)
+                await page.click('button[type="submit"]')
+                await expect(page).to_have_title("mj-bridge status")
+                await expect(page.locator("#events")).to_contain_text("a secret prompt")
+                await page.screenshot(path=str(ARTIFACTS / "status-page-login.png"))
+
+                # The same browser on a rebinding name: refused before any handler runs.
+                answer = await page.goto(f"http://rebind.example:{port}/")
+                assert answer is not None
+                assert answer.status == 421
+                assert "a secret prompt" not in await page.content()
+
+                await page.goto(harness.url + "/")
+                await page.click("#logout button")
+                await expect(page).to_have_title("mj-bridge: log in")
+                await page.goto(harness.url + "/")
+                await expect(page).to_have_title("mj-bridge: log in")
+            finally:
+                await browser.close()
