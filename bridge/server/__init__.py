@@ -75,7 +75,7 @@ def build_app(edge: Edge, config: ServerConfig) -> web.Application:
     app.router.add_post("/track/{source}", push.track)
     app.router.add_get("/", page.status_page)
     app.router.add_post("/dlq/replay", page.replay)
-    app.router.add_get("/login", auth.login_form)
+    app.router.add_get("/login", page.login_form)
     app.router.add_post("/login", auth.login)
     app.router.add_post("/logout", auth.logout)
     app.router.add_get("/static/style.css", page.stylesheet)

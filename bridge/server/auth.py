@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import overload
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import web
 
@@ -222,20 +222,7 @@ async def check_host(request: web.Request, handler: Handler) -> web.StreamRespon
 # -- login and logout -------------------------------------------------------------------------
 
 
-async def login_form(request: web.Request) -> web.Response:
-    from bridge.server.page import render
-
-    auth = request.app[SERVED].config.auth
-    return render(
-        "login.html",
-        next=_next(request.query.get("next", "/")),
-        users=bool(auth and auth.users),
-        token=bool(auth and auth.token),
-        failed=request.query.get("failed") == "1",
-    )
-
-
-def _next(target: str) -> str:
+def next_path(target: str) -> str:
     """Only a path on this server: never an open redirect."""
     return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
 
@@ -250,7 +237,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         form = await _form(request)
     except BodyRefused as exc:
         return exc.answer()
-    target = _next(form.get("next", "/"))
+    target = next_path(form.get("next", "/"))
     async with request.app[SERVED].checking:
         user = await _verify(form, auth.users, auth.token)
     if user is None:
@@ -279,8 +266,6 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 
 async def _form(request: web.Request) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
     body = await read_body(request, 16 * 1024)
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 

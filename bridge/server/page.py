@@ -11,15 +11,15 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
 from bridge.errors import Redactor
 from bridge.models import EVENT_TYPES, Event
-from bridge.server.auth import OPERATOR, csrf_ok, csrf_token, keep_session, operator
-from bridge.server.edge import BodyRefused, Live, live_of, read_body
+from bridge.server.auth import OPERATOR, csrf_ok, csrf_token, keep_session, next_path, operator
+from bridge.server.edge import SERVED, BodyRefused, Live, live_of, read_body
 from bridge.store.history import CursorError, EventQuery, dead_cursor
 
 log = logging.getLogger("bridge.server")
@@ -302,8 +302,6 @@ async def replay(request: web.Request) -> web.StreamResponse:
         body = await read_body(request, 1024 * 1024)
     except BodyRefused as exc:
         return exc.answer()
-    from urllib.parse import parse_qsl
-
     fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
     form = dict(fields)
     if (why := csrf_ok(request, form.get("csrf", ""))) is not None:
@@ -320,3 +318,14 @@ async def replay(request: web.Request) -> web.StreamResponse:
         live.wake()
     log.info("%s replayed %d dead letter(s) from the status page", request[OPERATOR], count)
     raise web.HTTPSeeOther(location=f"/?replayed={count}")
+
+
+async def login_form(request: web.Request) -> web.Response:
+    auth = request.app[SERVED].config.auth
+    return render(
+        "login.html",
+        next=next_path(request.query.get("next", "/")),
+        users=bool(auth and auth.users),
+        token=bool(auth and auth.token),
+        failed=request.query.get("failed") == "1",
+    )
