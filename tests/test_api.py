@@ -128,6 +128,11 @@ async def test_the_api_reads_events_tasks_and_dead_letters(
     assert body["events"] == []
     _, body = await get(http, "/api/events", since=oldest, type="task.started")
     assert len(body["events"]) == 3
+    _, body = await get(http, "/api/events", q="SECOND cat", type="task.succeeded")
+    [found] = body["events"]
+    assert found["data"]["task"]["prompt"] == "second cat"
+    _, body = await get(http, "/api/events", q="100% and_")  # % and _ are only characters
+    assert body["events"] == []
 
     event = succeeded[0]
     status, body = await get(http, f"/api/events/{event['id']}")

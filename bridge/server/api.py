@@ -31,6 +31,7 @@ _SHAPES = {
         ("type", TYPE),
         ("source", SOURCE),
         ("task", TEXT),
+        ("q", TEXT),
         ("target", TEXT),
         ("id", EVENT_ID),
         ("cursor", r"^.{1,256}$"),  # history.decode_cursor says what is wrong with it
@@ -152,6 +153,7 @@ async def events(request: web.Request) -> web.Response:
         types=types,
         source=_one(request, "source"),
         task=_one(request, "task"),
+        text=_one(request, "q"),
         since=_time(request, "since"),
         until=_time(request, "until"),
         before=_one(request, "cursor"),

@@ -165,6 +165,11 @@ DOCUMENT: dict[str, Any] = {
                     },
                     _query("source", "only this source's events", _str(SOURCE)),
                     _query("task", "only this task's events (the CloudEvent subject)", _str(TEXT)),
+                    _query(
+                        "q",
+                        "only events whose JSON holds this text, any case (prompt, id, reason)",
+                        _str(TEXT),
+                    ),
                     _query("since", "events at or after this time", _TIME),
                     _query("until", "events before this time", _TIME),
                     _EVENT_CURSOR,
