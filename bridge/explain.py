@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.config import Config, WebhookTargetConfig
+from bridge.config import (
+    AmqpTargetConfig,
+    BrokerTargetCommon,
+    Config,
+    MqttTargetConfig,
+    NatsTargetConfig,
+    RedisTargetConfig,
+    WebhookTargetConfig,
+)
 from bridge.errors import BridgeError
 from bridge.models import EVENT_TYPES, Event
 from bridge.rules import Router
@@ -79,9 +87,31 @@ def explain(config: Config, body: dict[str, Any]) -> str:
                     f"{signed}no title or body)"
                 )
                 continue
+            if isinstance(target, BrokerTargetCommon):
+                lines.append(
+                    f"     receives the CloudEvent itself (id {event.id}) {_where(target, event)}"
+                )
+                continue
             lines.append(f"     title: {delivery.title}")
             lines.append("     body:")
             lines.append(_indent(delivery.body, "       "))
     lines.append("")
     lines.append(f"{targets} target(s) would be notified; nothing was sent.")
     return "\n".join(lines)
+
+
+def _where(target: BrokerTargetCommon, event: Event) -> str:
+    """Where a broker target would put the event: its subject, key or topic, rendered."""
+    from bridge.topics import Namer
+
+    match target:
+        case NatsTargetConfig():
+            return f"on subject {Namer(target.subject, 'nats')(event)}, no title or body"
+        case AmqpTargetConfig():
+            key = Namer(target.routing_key, "amqp")(event)
+            return f"on exchange {target.exchange!r}, routing key {key}, no title or body"
+        case RedisTargetConfig():
+            return f"in stream {Namer(target.stream, 'redis')(event)}, no title or body"
+        case MqttTargetConfig():
+            return f"on topic {Namer(target.topic_template, 'mqtt')(event)}, no title or body"
+    return "no title or body"

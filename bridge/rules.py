@@ -241,9 +241,12 @@ class Router:
         previous: Router | None = None,
     ) -> None:
         self._rules = [CompiledRule.build(r) for r in config.rules]
-        # A webhook carries the event itself, never a title or body: no text is rendered for it.
+        # A webhook or a broker carries the event itself, never a title or body: no text is
+        # rendered for it.
         self._textless = frozenset(
-            name for name, t in config.targets.items() if t.kind == "webhook"
+            name
+            for name, t in config.targets.items()
+            if t.kind in ("webhook", "nats", "amqp", "redis", "mqtt")
         )
         self._clock = clock
         self._throttled: dict[tuple[str, str, str], float] = {}  # (rule, source, subject) -> until

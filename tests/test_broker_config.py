@@ -139,3 +139,16 @@ def test_names_follow_each_event_whatever_the_template_uses() -> None:
     ]
     by_status = Namer("mj/{{ task.status | lower }}", "mqtt")
     assert [by_status(e) for e in (first, other)] == ["mj/success", "mj/failure"]
+
+
+def test_explain_shows_where_a_broker_would_put_the_event(tmp_path: Path) -> None:
+    from bridge.explain import explain
+
+    config = load_config(write(tmp_path, GOOD), {})
+    event = sample_event()
+    text = explain(config, {**event.cloudevent(), "source": "bridge/mj"})
+    assert "on subject mj.mj.task.succeeded" in text
+    assert "routing key task.succeeded" in text
+    assert "in stream mj:mj" in text
+    assert "on topic mj/mj/tasks/1234567890" in text
+    assert "title:" not in text  # brokers get the event itself, no text is rendered

@@ -161,6 +161,15 @@ EXAMPLES: dict[str, str] = {
     "api_base": ", such as https://discord.com/api/v10",
     "public_url": ", such as https://bridge.example.com",
     "type_prefix": ", such as com.example.mj.",
+    "nats": ", such as nats://127.0.0.1:4222",
+    "amqp": ", such as amqp://user:${AMQP_PASSWORD}@127.0.0.1:5672/",
+    "redis": ", such as redis://127.0.0.1:6379/0",
+    "mqtt": ", such as mqtt://127.0.0.1:1883",
+    "subject": ", such as 'mj.{{ source }}.{{ type }}'",
+    "routing_key": ", such as '{{ source }}.{{ type }}'",
+    "stream": ", such as 'mj:events'",
+    "topic": ", such as 'mj/{{ source }}/{{ type }}'",
+    "exchange": ", such as mj",
 }
 _MAPPING = "expected a mapping (key: value lines indented below the key, or {key: value})"
 _TYPES: dict[str, str] = {
