@@ -148,7 +148,10 @@ def keep_session(request: web.Request, response: web.StreamResponse) -> None:
 def set_session_cookie(
     request: web.Request, response: web.StreamResponse, session: Session
 ) -> None:
-    secure = request.app[SERVED].public_url.startswith("https://")
+    # Secure when the browser came through the https public_url (a TLS proxy); not when it calls
+    # the listen address directly over http, where a Secure cookie would be dropped.
+    public = urlsplit(request.app[SERVED].public_url)
+    secure = public.scheme == "https" and request.host.lower() == public.netloc.lower()
     response.set_cookie(
         SESSION_COOKIE,
         session.id,
