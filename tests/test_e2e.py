@@ -74,6 +74,26 @@ async def until(predicate: Any, sim: Simulator | None = None, within: float = 15
             await asyncio.sleep(0.1)
 
 
+async def settle(bridge: Bridge, polls: int = 3) -> None:
+    """`polls` more polls of every source (good or failed), then until the outbox is empty:
+    whatever those polls found has been delivered, so what has not arrived never will."""
+    running = bridge.running
+    assert running is not None
+    watchers = list(running.watchers.values())
+    wanted = [w.status.polls + w.health.failures + polls for w in watchers]
+    await until(
+        lambda: all(
+            w.status.polls + w.health.failures >= n for w, n in zip(watchers, wanted, strict=True)
+        )
+    )
+    async with asyncio.timeout(15):
+        while True:
+            depth = await running.store.outbox_depth()
+            if not any(depth.values()):
+                return
+            await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("flavor", ["midjourney-proxy", "trueai"])
 async def test_every_change_is_delivered_once_signed(tmp_path: Path, flavor: str) -> None:
     async with Simulator(flavor, api_key="k") as sim, Receiver() as receiver:
@@ -91,7 +111,7 @@ async def test_every_change_is_delivered_once_signed(tmp_path: Path, flavor: str
                 return {(ok, "task.succeeded"), (bad, "task.failed")} <= ends
 
             await until(done, sim)
-            await asyncio.sleep(0.3)  # a few more polls: nothing more may arrive
+            await settle(bridge)  # a few more polls: nothing more may arrive
 
         got = events(receiver)
         ids = [e["id"] for e in got]
@@ -118,11 +138,11 @@ async def test_changes_while_down_are_emitted_once_after_restart(tmp_path: Path)
             await until(lambda: any(e["subject"] == tid for e in events(receiver)))
         before = len(receiver.requests)
         sim.tick(10)  # the task finishes while the bridge is stopped
-        async with running(config, tmp_path / "b.db"):
+        async with running(config, tmp_path / "b.db") as again:
             await until(lambda: any(e["type"] == "task.succeeded" for e in events(receiver)))
-            await asyncio.sleep(0.3)
-        async with running(config, tmp_path / "b.db"):
-            await asyncio.sleep(0.4)  # a third start re-emits nothing
+            await settle(again)
+        async with running(config, tmp_path / "b.db") as third:
+            await settle(third)  # a third start re-emits nothing
         got = events(receiver)
         after = [e["type"] for e in got[before:]]
         assert after == ["task.succeeded"]
@@ -132,9 +152,9 @@ async def test_changes_while_down_are_emitted_once_after_restart(tmp_path: Path)
 async def test_new_api_list_is_reported_as_not_a_task_api(tmp_path: Path) -> None:
     async with Simulator("new-api", api_key="k") as sim, Receiver() as receiver:
         config = make_config(sim, receiver, "new-api", mode="list")
-        async with running(config, tmp_path / "b.db"):
+        async with running(config, tmp_path / "b.db") as bridge:
             await until(lambda: bool(receiver.requests))
-            await asyncio.sleep(0.5)
+            await settle(bridge, polls=2)
         got = events(receiver)
         assert Counter(e["type"] for e in got) == {"source.down": 1}
         assert got[0]["data"]["reason"] == "not_a_task_api"
