@@ -3,7 +3,9 @@ local chat API stand-in, each closed when the test ends."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -28,3 +30,23 @@ async def rx() -> AsyncIterator[Receiver]:
 async def api() -> AsyncIterator[ChatAPI]:
     async with ChatAPI() as a:
         yield a
+
+
+@contextlib.contextmanager
+def kept_logging() -> Iterator[None]:
+    """main() sets up logging for the process, as `bridge` does (its handler redacts records in
+    place): put it back after, so later tests' caplog sees what the code logged."""
+    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
+    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        apprise_log.setLevel(apprise_level)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    with kept_logging():
+        yield

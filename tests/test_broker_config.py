@@ -21,6 +21,8 @@ from bridge.errors import Redactor
 from bridge.templates import compile_template
 from bridge.topics import Namer, clean, render, sample_event
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # a test here calls main()
+
 GOOD = """
 targets:
   js: {nats: "nats://127.0.0.1:4222"}

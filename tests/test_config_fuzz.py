@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.cli import main
+from tests.conftest import kept_logging
 
 DOCS = Path(__file__).parent.parent / "docs" / "rules.md"
 WHOLE = DOCS.read_text().split("## The whole file")[1].split("```yaml\n")[1].split("```")[0]
@@ -78,7 +79,7 @@ def run_check(text: str) -> tuple[int, str]:
         path = Path(tmp) / "rules.yaml"
         path.write_text(text, encoding="utf-8", errors="surrogatepass")
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with kept_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["check", "-c", str(path)])
         return code, err.getvalue().replace(str(path), "rules.yaml")
 

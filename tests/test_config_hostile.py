@@ -17,6 +17,8 @@ from bridge.cli import main
 from bridge.config import Config, ConfigError, ConfigWatcher, check, load_config
 from bridge.config.document import MAX_BYTES
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # these tests call main()
+
 BOMB = "".join(
     f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['x'] * 9)}]\n"
     for prev, name in zip(["", *"abcdefgh"], "abcdefghi", strict=True)

@@ -11,6 +11,8 @@ import pytest
 
 from bridge.cli import main
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # these tests call main()
+
 PAGE = Path(__file__).parent.parent / "docs" / "errors.md"
 _CASE = re.compile(
     r"^## (?P<title>.+?)\n.*?```yaml\n(?P<yaml>.*?)```\n+```text\n(?P<out>.*?)```", re.S | re.M
