@@ -381,7 +381,17 @@ class Watcher:
         interval = self.config.poll_interval
         while True:
             started = time.monotonic()
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except StoreError:
+                raise  # the store's own failure: app.py decides what it means for the process
+            except Exception:
+                # poll_once records every failure of a poll; this is a bug in recording one.
+                log.exception(
+                    "%s: unexpected error after a poll; polling goes on",
+                    self.config.name,
+                    extra=fields(source=self.config.name),
+                )
             wait = self.health.backoff(interval)
             await asyncio.sleep(max(0.0, wait - (time.monotonic() - started)))
 

@@ -8,7 +8,8 @@ import logging
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -20,11 +21,12 @@ from bridge.models import Delivery, Event
 from bridge.rules import Router
 from bridge.simulator import Simulator
 from bridge.sources.poll import PollingSource
-from bridge.store import Store
+from bridge.store import Store, open_store
 from bridge.watch import Pipeline, Watcher
+from tests import pg
 from tests.hostile import CHUNK, HostileUpstream, deep
 from tests.process import BridgeProcess
-from tests.receiver import Receiver
+from tests.receiver import Receiver, make_event
 
 GOOD = {"id": "good-1", "status": "SUCCESS", "progress": "100%", "prompt": "a calm sea"}
 JUNK = [
@@ -266,3 +268,36 @@ def test_bridge_check_never_builds_a_template_constant(tmp_path: Path) -> None:
     code, peak_kib = out.stdout.split()[-2:]
     assert code == "0", out.stderr
     assert int(peak_kib) < 300 * 1024, f"bridge check peaked at {int(peak_kib) // 1024} MiB"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        async with await open_store(str(tmp_path / "bridge.db")) as s:
+            yield s
+        return
+    async with pg.database() as url, await open_store(url) as s:
+        yield s
+
+
+async def test_a_template_over_a_limit_is_stored_as_a_dead_letter(store: Store) -> None:
+    config = Config.model_validate(
+        {
+            "targets": {"spin": "json://127.0.0.1:9/a", "fine": "json://127.0.0.1:9/b"},
+            "rules": [
+                {"name": "r", "on": "*", "to": "spin", "body": "{{ 'x' * 10**9 }}"},
+                {"name": "ok", "on": "*", "to": "fine"},
+            ],
+        }
+    )
+    pipeline = Pipeline(store, Router(config), lambda: None)
+    event = make_event(1)
+    await pipeline.publish("mj", {}, [event], now=time.time())
+    await pipeline.publish("mj", {}, [event], now=time.time())  # re-detected: nothing new
+    dead = await store.dead_letters()
+    assert [(d.target, d.last_error) for d in dead] == [
+        ("spin", "rule 'r': template stopped: a repetition of 1,000,000,000 characters")
+    ]
+    assert "Prompt: cat 1" in dead[0].body  # the default text, for a replay once fixed
+    assert await store.claim("spin", time.time(), 10) == []
+    assert [i.target for i in await store.claim("fine", time.time(), 10)] == ["fine"]
