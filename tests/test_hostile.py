@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from bridge.config import Config
+from bridge.errors import SourceError
 from bridge.metrics import Metrics
 from bridge.models import Delivery, Event
 from bridge.rules import Router
@@ -301,3 +302,23 @@ async def test_a_template_over_a_limit_is_stored_as_a_dead_letter(store: Store) 
     assert "Prompt: cat 1" in dead[0].body  # the default text, for a replay once fixed
     assert await store.claim("spin", time.time(), 10) == []
     assert [i.target for i in await store.claim("fine", time.time(), 10)] == ["fine"]
+
+
+@pytest.mark.parametrize("endless", [False, True], ids=["large", "endless"])
+async def test_max_response_is_counted_while_the_answer_streams(
+    session: aiohttp.ClientSession, endless: bool
+) -> None:
+    async with HostileUpstream() as up:
+        up.rows = [{**GOOD, "id": str(i)} for i in range(100)]  # ~7 KB
+        up.endless = endless
+        config = Config.model_validate(
+            {"sources": [{"name": "s", "base_url": up.url, "max_response": "4KiB"}]}
+        )
+        source = PollingSource(config.sources[0], session)
+        with pytest.raises(SourceError) as caught:
+            await source.list_tasks()
+        assert caught.value.reason == "too_large"
+        assert "larger than max_response (4,096 bytes)" in str(caught.value)
+        up.rows = up.rows[:10]
+        up.endless = False
+        assert len((await source.list_tasks()).tasks) == 10
