@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from bridge import logs
 from tests.chat_api import ChatAPI
 from tests.receiver import Receiver
 
@@ -35,18 +36,24 @@ async def api() -> AsyncIterator[ChatAPI]:
 @contextlib.contextmanager
 def kept_logging() -> Iterator[None]:
     """main() sets up logging for the process, as `bridge` does (its handler redacts records in
-    place): put it back after, so later tests' caplog sees what the code logged."""
-    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
-    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
+    place, and it sets the levels of the bridge's and the libraries' loggers): put it all back
+    after, so later tests' caplog sees what the code logged and no handler writes to a stream
+    that a finished test closed."""
+    root = logging.getLogger()
+    names = ["bridge", *logs.LIBRARIES]
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in names}
     try:
         yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-        apprise_log.setLevel(apprise_level)
+        for name, was in levels.items():
+            logging.getLogger(name).setLevel(was)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
+    """Every test: several call main() in-process, which configures logging for the process."""
     with kept_logging():
         yield

@@ -653,7 +653,7 @@ async def test_auth_left_out_is_detected_once_on_a_401(
     src = source(upstream.url, session)  # no auth: in the config
     assert (await src.poll()).tasks == [mj_task("1")]
     assert src.auth == scheme
-    assert f"accepts auth: {scheme} (detected)" in caplog.text
+    assert f"accepts auth '{scheme}' (detected)" in caplog.text
     tried = len(upstream.requests)
     await src.poll()
     assert len(upstream.requests) == tried + 1  # adopted: no more guessing

@@ -372,7 +372,7 @@ class PollingSource:
             if not accepted:
                 continue
             if self.config.auth is None:
-                log.info("%s: the upstream accepts auth: %s (detected)", self.name, scheme)
+                log.info("%s: the upstream accepts auth %r (detected)", self.name, scheme)
                 self.auth, self._headers = scheme, headers
                 return scheme
             self._works = scheme
