@@ -62,7 +62,10 @@ def to_datetime(value: object) -> datetime | None:
         value = float(value)
     if isinstance(value, int | float):
         seconds = value / 1000 if value > 1e11 else value  # millis from 1973 on; seconds before
-        return datetime.fromtimestamp(seconds, UTC)
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (ValueError, OverflowError, OSError):  # beyond year 9999, or not finite
+            return None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
@@ -267,7 +270,12 @@ def render_text(source: str, ctx: Mapping[str, Any], fallback: str) -> str:
         raise
     except Exception as exc:
         log.warning("template failed, using the default text: %s", type(exc).__name__)
+    try:
         return render(compile_template(fallback), ctx)
+    except Exception as exc:  # the default text met data it cannot show: say what happened
+        log.warning("default text failed too, using the bare event: %s", type(exc).__name__)
+        event = ctx.get("event") or {}
+        return f"{event.get('type', 'event')} {event.get('subject', '')}".strip()
 
 
 # -- digests ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from bridge.diff import Snapshot
 from bridge.errors import SourceError
 from bridge.models import Event
 from bridge.rules import Router
+from bridge.server.push import tasks_of
 from bridge.sources.normalize import parse_tasks, unstorable
 from bridge.sources.poll import PollingSource
 from bridge.store import Store
@@ -139,3 +140,23 @@ def test_parsing_any_rows_gives_tasks_or_a_bad_payload(items: list[Any]) -> None
         assert 0 < len(task["id"]) <= 256
         assert isinstance(task["status"], str)
     Snapshot(result.tasks)  # the diff's input shape
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(answer=answers)
+async def test_any_push_body_is_refused_or_applied(rig: Rig, answer: bytes) -> None:
+    """The push path's own parsing, then the same diff, rules and commit as a poll."""
+    try:
+        tasks = tasks_of(answer)
+    except ValueError:
+        return  # a 400 with the reason
+    async with asyncio.timeout(60):
+        await rig.watcher.push(tasks)
+    for event in rig.events:
+        if event.task is not None:
+            assert unstorable(event.task) is None
+    rig.events.clear()

@@ -280,3 +280,14 @@ def test_ordinary_templates_stay_within_the_limits() -> None:
     assert body.startswith("1:U0 2:U1 ")
     assert "124750" in body
     assert "  3.1" in body
+
+
+@pytest.mark.parametrize("when", [2**63 - 1, -(2**63), 1e300, "9" * 400, 10**30])
+def test_times_beyond_the_calendar_render_empty(when: object) -> None:
+    """A hostile finishTime once made even the default text fail (the fuzz test found it)."""
+    task = {**TASK, "finishTime": when}
+    assert templates.to_datetime(when) is None
+    assert templates.took(task) == ""
+    title, body = rendered(event("task.succeeded", task), body="{{ task.finishTime | datetime }}")
+    assert title.startswith("✅ IMAGINE succeeded")
+    assert body == ""
