@@ -1,6 +1,7 @@
 """The peer of the polling figures: the poller a user would write instead of the bridge. A loop
-that GETs /mj/task/list with aiohttp, keeps {id: (status, progress)} of the previous snapshot and
-POSTs each task whose pair changed, as JSON, to a webhook; then sleeps the interval.
+that GETs /mj/task/list with aiohttp (or, on a relay without a list, POSTs the ids it submitted to
+/mj/task/list-by-condition), keeps {id: (status, progress)} of the previous snapshot and POSTs
+each task whose pair changed, as JSON, to a webhook; then sleeps the interval.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 
 LIST = "/mj/task/list"
+BY_IDS = "/mj/task/list-by-condition"
 
 
 class NaivePoller:
@@ -29,9 +31,11 @@ class NaivePoller:
         headers: dict[str, str],
         webhook: str,
         on_post: Callable[[dict[str, Any]], None] | None = None,
+        ids: Callable[[], list[str]] | None = None,
     ) -> None:
         self.session = session
-        self.url = base_url + LIST
+        self.url = base_url + (LIST if ids is None else BY_IDS)
+        self.ids = ids  # the ids a script submitted, for a relay without a list (new-api)
         self.headers = headers
         self.webhook = webhook
         self.on_post = on_post
@@ -40,7 +44,11 @@ class NaivePoller:
 
     async def cycle(self) -> int:
         """One poll: GET the list, POST the changes. Returns how many it posted."""
-        async with self.session.get(self.url, headers=self.headers) as response:
+        if self.ids is None:
+            request = self.session.get(self.url, headers=self.headers)
+        else:
+            request = self.session.post(self.url, headers=self.headers, json={"ids": self.ids()})
+        async with request as response:
             response.raise_for_status()
             tasks = await response.json()
         previous, current = self.previous, {}

@@ -4,7 +4,6 @@ exit 2, a busy port one line and exit 1, and every option says what it does and 
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 import subprocess
 import sys
@@ -17,16 +16,8 @@ import pytest
 from bridge.cli import _parser, main
 from bridge.store import Store
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """main() sets up logging for the process, as `bridge` does; put it back after."""
-    root, apprise_log = logging.getLogger(), logging.getLogger("apprise")
-    handlers, level, apprise_level = root.handlers[:], root.level, apprise_log.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    apprise_log.setLevel(apprise_level)
+# main() sets up logging for the process, as `bridge` does: put it back after each test.
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture

@@ -16,6 +16,9 @@ from bridge.simulator import Simulator
 from bridge.sources.poll import PollingSource
 from bridge.sources.probe import choose_reader
 
+# `bridge check` through main() sets up logging for the process: put it back after each test.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KEY = "sk-example-key-42"
 ENV = {

@@ -361,7 +361,7 @@ async def test_auto_on_nz_with_a_large_list_bounds_the_delay_and_says_how_push_r
         assert "501 tasks" in note
         assert "up to 60s (full_every) late" in note
         assert "push_token: ${MJ_PUSH_TOKEN}" in note
-        assert "mj.notify-hook: http://BRIDGE:PORT/hooks/mj?token=PUSH_TOKEN" in note
+        assert "mj.notify-hook: http://<bridge>:8787/hooks/mj?token=<push_token>" in note
         assert [rec.levelname for rec in caplog.records if note in rec.getMessage()] == ["WARNING"]
         quick = r.sim.add_task("cat --ar 1:1:1", outcome="banned")
         r.sim.tick(10)

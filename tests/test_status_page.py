@@ -228,7 +228,7 @@ async def test_the_page_says_what_delay_a_large_queue_only_upstream_allows(
             await page.goto(harness.url + "/")
             note = page.locator('#sources p[data-note="mj"]')
             await expect(note).to_contain_text("up to 60s (full_every) late")
-            await expect(note).to_contain_text("mj.notify-hook: http://BRIDGE:PORT/hooks/mj")
+            await expect(note).to_contain_text("mj.notify-hook: http://<bridge>:8787/hooks/mj")
 
 
 @pytest.fixture

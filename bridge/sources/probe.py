@@ -67,11 +67,12 @@ async def _ids(source: PollingSource) -> IdsReader | None:
 
 def push_hint(config: SourceConfig) -> str:
     """The exact lines that turn push callbacks on for this source."""
-    hook = f"http://BRIDGE:PORT/hooks/{config.name}?token=PUSH_TOKEN"
+    # <...> placeholders: a log line keeps them (a `token=VALUE` would be redacted).
+    hook = f"http://<bridge>:8787/hooks/{config.name}?token=<push_token>"
     if config.push_token:
         return (
             f"push_token is set; point midjourney-proxy at it with `mj.notify-hook: {hook}` "
-            "(application.yml), PUSH_TOKEN being this source's push_token"
+            "(application.yml), <push_token> being this source's push_token"
         )
     return (
         f"add `push_token: ${{MJ_PUSH_TOKEN}}` to source {config.name} and set "
