@@ -39,6 +39,9 @@ from bridge.errors import ConfigError, Problem
 from bridge.suggest import suggest
 
 SECTIONS = ("sources", "targets", "rules", "server", "retention")
+# Far above any real file, low enough that checking the largest one allowed takes seconds (each
+# apprise URL and template is compiled to check it).
+LIMITS = {"sources": 100, "targets": 1000, "rules": 1000}
 
 
 def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
@@ -190,6 +193,15 @@ def _load(
         return None, _finish(doc)
     if not isinstance(raw, dict):
         doc.add(root, "the file must be a mapping with sources, targets and rules")
+        return None, _finish(doc)
+    too_many = False
+    for section, limit in LIMITS.items():
+        if isinstance(raw.get(section), list | dict) and len(raw[section]) > limit:
+            count = len(raw[section])
+            message = f"{section}: at most {limit:,} {section} in one file (this one has {count:,})"
+            doc.add(doc.key_at((section,)), message + "; split them over more bridges")
+            too_many = True
+    if too_many:
         return None, _finish(doc)
     config: Config | None = None
     try:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic_core import ErrorDetails
 
-from bridge.config.document import Document, Loc, dotted
+from bridge.config.document import LIBYAML, Document, Loc, dotted, too_deep
 from bridge.errors import Problem
 
 # --- YAML syntax ---------------------------------------------------------------------------------
@@ -59,7 +59,10 @@ def _value_hint(value: str) -> str | None:
 def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
     """One problem for a YAML error, at its real position, saying what to change."""
     if isinstance(exc, yaml.reader.ReaderError):
-        line, column = doc.position(exc.position)
+        at = exc.position
+        if LIBYAML:  # libyaml counts bytes of UTF-8
+            at = len(doc.text.encode()[:at].decode(errors="ignore"))
+        line, column = doc.position(at)
         char = exc.character
         code = f"U+{char:04X}" if isinstance(char, int) else f"U+{ord(char[:1] or '?'):04X}"
         message = (
@@ -75,10 +78,12 @@ def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
     line, column = (mark.line, mark.column) if mark else (0, 0)
     problem, context = str(exc.problem or ""), str(exc.context or "")
     hint: str | None = None
-    if "'\\t'" in problem:
+    if "'\\t'" in problem or _line(doc.text, line)[column : column + 1] == "\t":
         hint = "a tab: YAML indents with spaces only (replace the tab with spaces)"
     elif "too deep" in problem or "once aliases are expanded" in problem:
         hint = problem
+    elif "maximum nesting depth" in problem:
+        hint = too_deep()
     elif context.startswith("while scanning a quoted scalar") and exc.context_mark:
         start = exc.context_mark
         line, column = start.line, start.column
@@ -108,8 +113,8 @@ def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
                     f"the next line: {_QUOTE}")  # fmt: skip
     elif "found unhashable key" in problem:
         hint = _value_hint(_value_at(doc.text, line) or "{{")
-    elif "expected <block end>" in problem or "expected <document start>" in problem:
-        value = _value_at(doc.text, line) if "<scalar>" in problem else None
+    elif any(m in problem for m in _BLOCK_END):
+        value = _value_at(doc.text, line)
         hint = (_value_hint(value) if value else None) or _INDENT
     elif context.startswith("while parsing a flow"):
         hint = ("a list [a, b] or mapping {k: v} written on one line needs commas and its "
@@ -120,6 +125,14 @@ def yaml_problem(doc: Document, exc: yaml.YAMLError) -> None:
     doc.problems.append(Problem(doc.file, line + 1, column + 1, f"invalid YAML: {hint}"))
 
 
+# What the parsers say when a line does not fit its block (PyYAML's and libyaml's words).
+_BLOCK_END = (
+    "expected <block end>",
+    "expected <document start>",
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "did not find expected <document start>",
+)
 _INDENT = (
     "the indentation does not line up: indent this line with spaces exactly like the other keys "
     "of its block (the keys of one rule line up under its name:)"
