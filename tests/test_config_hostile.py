@@ -211,3 +211,10 @@ def test_cli_check_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["check", "-c", str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"{path}:1:{DEEP_COLUMN}: invalid YAML: nested")
     assert load_config(write(tmp_path, GOOD), {}).rules[0].name == "one"
+
+
+def test_server_timeouts_are_refused_at_their_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "server:\n  listen: 127.0.0.1:1\n  header_timeout: 0s\n")
+    assert [str(p) for p in check(path, {})] == [
+        f"{path}:3:19: server.header_timeout: must be more than 0, such as 250ms, 5s or 2m"
+    ]

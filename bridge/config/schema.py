@@ -512,8 +512,8 @@ class ServerConfig(Strict):
     auth: ServerAuthConfig | None = None
     passthrough: PassthroughConfig = Field(default_factory=PassthroughConfig)
     max_connections: int = Field(default=256, ge=1)
-    header_timeout: Duration = 10.0  # a request head (and an idle keep-alive connection)
-    body_timeout: Duration = 30.0  # reading a request body
+    header_timeout: PositiveDuration = 10.0  # a request head (and an idle keep-alive connection)
+    body_timeout: PositiveDuration = 30.0  # reading a request body
 
     _public = field_validator("public_url")(lambda v: None if v is None else _api_base(v))
 
@@ -525,8 +525,6 @@ class ServerConfig(Strict):
                 "server.auth: anyone on the network could read the status page and replay. "
                 "Add server.auth (a token or users), listen on 127.0.0.1, or say insecure: true"
             )
-        if self.header_timeout <= 0 or self.body_timeout <= 0:
-            raise ValueError("header_timeout and body_timeout must be above 0")
         return self
 
 
