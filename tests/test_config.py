@@ -150,7 +150,7 @@ ERRORS = [
     ),
     pytest.param(
         "sources:\n  - name: mj\n    base_url: http://a\n  - name: mj\n    base_url: http://b\n",
-        4, 11, "duplicate name 'mj' (first at line 2)", id="duplicate-source",
+        4, 11, "duplicate name 'mj' (first at line 2; names must be unique)", id="duplicate-source",
     ),
     pytest.param(
         "targets: {t: 'json://127.0.0.1:9'}\nrules:\n  - {name: a, to: t}\n  - {name: a, to: t}\n",

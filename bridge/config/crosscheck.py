@@ -34,7 +34,8 @@ def check_unique(doc: Document, raw: dict[str, Any], section: str) -> None:
             line = doc.line_of((section, first[name], "name"))
             doc.add(
                 doc.at((section, i, "name")),
-                f"{section}[{i}].name: duplicate name '{name}' (first at line {line})",
+                f"{section}[{i}].name: duplicate name '{name}' (first at line {line}; "
+                "names must be unique)",
             )
         else:
             first[name] = i

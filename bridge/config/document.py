@@ -247,7 +247,8 @@ class Document:
             key = str(key_node.value)
             if key in seen:
                 first = seen[key].start_mark.line + 1
-                self.add(key_node, f"{dotted((*loc, key))}: duplicate key (first at line {first})")
+                self.add(key_node, f"{dotted((*loc, key))}: duplicate key (first at line {first}; "
+                         "keep one)")  # fmt: skip
                 continue
             seen[key] = key_node
             self.keys[(*loc, key)] = key_node

@@ -96,7 +96,10 @@ def _validation_problems(doc: Document, raw: Any, exc: ValidationError) -> None:
             doc.add(doc.at(loc), f"{dotted(loc[:-1])}: missing required key '{loc[-1]}'")
         elif kind == "extra_forbidden":
             model = _model_at(loc[:-1], raw)
-            hint = suggest(str(loc[-1]), list(model.model_fields)) if model else ""
+            keys = [k for k in model.model_fields if k != "kind"] if model else []
+            hint = suggest(str(loc[-1]), keys) or (
+                f" (keys here: {', '.join(keys)})" if keys else ""
+            )
             doc.add(doc.key_at(loc), f"{dotted(loc[:-1])}: unknown key '{loc[-1]}'{hint}")
         elif kind == "union_tag_invalid":
             doc.add(doc.at(loc), f"{dotted(loc)}: kind must be apprise or webhook, discord "
