@@ -188,16 +188,17 @@ async def test_no_attachment_unless_asked_or_succeeded(rx: Receiver) -> None:
 
 
 @pytest.mark.parametrize(
-    ("allow", "path", "served"),
+    ("allow", "path", "host"),
     [
-        (False, "/img/cat.png", True),  # loopback: refused before any request is made
-        (True, "/actuator/env", True),  # JSON that is no image: never attached
-        (True, "/hop/1", True),  # four redirects: more than 3
+        (False, "/img/cat.png", "127.0.0.1"),  # loopback: refused before any request is made
+        (False, "/img/cat.png", "localhost"),  # a name: its resolved addresses are checked
+        (True, "/actuator/env", "127.0.0.1"),  # JSON that is no image: never attached
+        (True, "/hop/1", "127.0.0.1"),  # four redirects: more than 3
     ],
-    ids=["loopback-refused", "not-an-image", "too-many-redirects"],
+    ids=["loopback-refused", "name-resolving-to-loopback", "not-an-image", "too-many-redirects"],
 )
 async def test_attach_image_refuses_what_is_not_a_public_image(
-    rx: Receiver, session: aiohttp.ClientSession, allow: bool, path: str, served: bool
+    rx: Receiver, session: aiohttp.ClientSession, allow: bool, path: str, host: str
 ) -> None:
     rx.files["/img/cat.png"] = (PNG, "image/png")
     rx.files["/actuator/env"] = (b'{"MJ_API_KEY": "k"}', "application/json")
@@ -207,7 +208,7 @@ async def test_attach_image_refuses_what_is_not_a_public_image(
     target = apprise_target(
         f"json://127.0.0.1:{rx.port}/notify", session, attach_image=True, allow_private_images=allow
     )
-    await target.send(item(imageUrl=f"{rx.url}{path}"))
+    await target.send(item(imageUrl=f"http://{host}:{rx.port}{path}"))
     [req] = await rx.wait_for(1)
     assert not req.json().get("attachments")
     assert b"MJ_API_KEY" not in req.body
