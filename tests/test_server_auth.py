@@ -199,3 +199,18 @@ async def test_every_bound_address_is_logged_and_insecure_is_said(
             assert any("http://0.0.0.0:" in line for line in bound)
             assert any("server.insecure: anyone who reaches" in line for line in lines)
             assert harness.url.startswith("http://127.0.0.1:")
+
+
+def test_bridge_run_refuses_to_listen_beyond_loopback_without_auth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("server:\n  listen: ':8787'\n")
+    assert main(["run", "-c", str(rules), "--db", str(tmp_path / "b.db")]) == 2
+    err = capsys.readouterr().err
+    assert f"{rules}:2:" in err
+    assert "reaches beyond this machine" in err
+    assert "server.auth" in err
+    assert "insecure: true" in err
