@@ -9,16 +9,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from bridge.config import Config, ConfigWatcher
 from bridge.deliver import Deliverer, TargetHealth
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, StoreError
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics
@@ -79,6 +80,7 @@ class Bridge:
     _reload: asyncio.Event = field(default_factory=asyncio.Event)
     _started: asyncio.Event = field(default_factory=asyncio.Event)
     _router: Router | None = None
+    _broken: StoreError | None = None  # the store stayed broken: bridge run exits 1
 
     @property
     def live(self) -> Running | None:
@@ -106,6 +108,7 @@ class Bridge:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             store = await Store.open(self.db)
             stack.push_async_callback(store.close)
+            store.retrier.on_retry = self.metrics.store_retry
             good: Config | None = None  # the last config that started
             while not self._stop.is_set():
                 self._reload.clear()
@@ -120,6 +123,10 @@ class Bridge:
                     redact_with(good.secrets())
                     continue
                 good = config
+        if self._broken is not None:
+            raise StoreError(
+                f"{self._broken} (still failing after retrying for a while; stopped)"
+            ) from self._broken
 
     async def _run_config(
         self, config: Config, store: Store, session: aiohttp.ClientSession
@@ -174,8 +181,10 @@ class Bridge:
                         f"cannot listen on {config.server.listen}: {reason}"
                     ) from exc
             async with asyncio.TaskGroup() as group:
-                polls = [group.create_task(self._lead(w, store)) for w in watchers.values()]
-                delivering = group.create_task(deliverer.run())
+                polls = [
+                    group.create_task(self._fatal(self._lead(w, store))) for w in watchers.values()
+                ]
+                delivering = group.create_task(self._fatal(deliverer.run()))
                 # Old sent deliveries and their events; cancelled with the polls.
                 polls.append(group.create_task(prune_forever(store, config.retention)))
                 self._started.set()
@@ -192,6 +201,17 @@ class Bridge:
                 await deliverer.drain(DRAIN_SECONDS)
                 delivering.cancel()
         self._started.clear()
+
+    async def _fatal(self, loop: Coroutine[Any, Any, None]) -> None:
+        """Run a loop; a StoreError out of it (the store stayed broken through its retries)
+        stops the bridge the clean way: polls stop, deliveries drain, exit 1 with one line."""
+        try:
+            await loop
+        except StoreError as exc:
+            if self._broken is None:
+                log.error("%s; stopping", exc)
+                self._broken = exc
+            self._stop.set()
 
     async def _lead(self, watcher: Watcher, store: Store) -> None:
         """Poll the watcher's source while this process holds its lease (at once with SQLite: one

@@ -18,7 +18,8 @@ from typing import Any
 from bridge.config import TargetConfig
 from bridge.errors import DeliveryError, redact
 from bridge.logs import fields
-from bridge.store import OutboxItem, Store
+from bridge.models import OutboxItem
+from bridge.roles import Outbox
 from bridge.targets import Target
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Deliverer:
 
     def __init__(
         self,
-        store: Store,
+        store: Outbox,
         targets: Mapping[str, Target],
         configs: Mapping[str, TargetConfig],
         *,

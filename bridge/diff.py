@@ -30,26 +30,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.models import STATUS_RANK, TERMINAL, Event, EventType, event_id, iso
+from bridge.models import (
+    STATUS_RANK,
+    TERMINAL,
+    Event,
+    EventType,
+    Snapshot,
+    TaskState,
+    event_id,
+    iso,
+)
 
 __all__ = ["DiffResult", "Snapshot", "TaskState", "diff", "progress_value"]
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    tasks: list[dict[str, Any]]  # normalised task dicts (see normalize.py); each has a str "id"
-    missing: frozenset[str] = frozenset()  # tracked ids looked up by id and NOT found this look
-    complete: bool = True  # True: `tasks` is the whole list (poll); False: a partial view (push)
-
-
-@dataclass(frozen=True, slots=True)
-class TaskState:
-    status: str  # as the upstream said it ("" when empty); unknown values kept
-    progress: int  # 0..100, -1 when unknown
-    changed_at: float  # unix seconds of the last change the bridge saw (for stall_after)
-    stalled: bool = False  # task.stalled already emitted for this stall
-    missing: int = 0  # consecutive looks that confirmed it gone (task.vanished at 2)
-    finished: bool = False  # terminal or vanished: never emits again
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@
     ├── DeliveryError          a target refused or failed; `retryable` says whether to try again,
     │                          `retry_after` (seconds) when the target asked for a pause,
     │                          `deferred` when the target is fine and only wants it later
-    └── StoreError             the database could not be opened or migrated
+    └── StoreError             the database could not be opened, migrated, read or written;
+                               `transient` when trying again may cure it (store/retry.py)
 
 Messages never carry secrets: URLs go through `redact()` before they reach an error.
 """
@@ -66,7 +67,13 @@ class DeliveryError(BridgeError):
 
 
 class StoreError(BridgeError):
-    pass
+    """`transient`: the same call may succeed later (locked, busy, disk full, connection lost);
+    the store retries those itself for a while before raising. `kind` names the trouble."""
+
+    def __init__(self, message: str, *, transient: bool = False, kind: str = "error") -> None:
+        self.transient = transient
+        self.kind = kind
+        super().__init__(message)
 
 
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bridge.errors import StoreError
-from bridge.store import Store
+from bridge.roles import Leases
 
 log = logging.getLogger("bridge.lease")
 
@@ -29,7 +29,7 @@ def source_lease(source: str) -> str:
 
 
 async def while_leader(
-    store: Store,
+    store: Leases,
     name: str,
     holder: str,
     ttl: float,
@@ -54,7 +54,7 @@ async def while_leader(
         await asyncio.sleep(await _wait(store, name, ttl))
 
 
-async def _attempt(store: Store, name: str, holder: str, ttl: float) -> bool:
+async def _attempt(store: Leases, name: str, holder: str, ttl: float) -> bool:
     try:
         return await store.try_lease(name, holder, ttl)
     except StoreError as exc:
@@ -62,7 +62,7 @@ async def _attempt(store: Store, name: str, holder: str, ttl: float) -> bool:
         return False
 
 
-async def _wait(store: Store, name: str, ttl: float) -> float:
+async def _wait(store: Leases, name: str, ttl: float) -> float:
     """How long until trying again: until the holder's lease runs out, ttl/2 at most."""
     try:
         current = await store.lease(name)
@@ -74,7 +74,7 @@ async def _wait(store: Store, name: str, ttl: float) -> float:
 
 
 async def _lead(
-    store: Store,
+    store: Leases,
     name: str,
     holder: str,
     ttl: float,

@@ -69,6 +69,13 @@ class Metrics:
             ["type", "source"],
             registry=self.registry,
         )
+        self.store_retries = Counter(
+            "bridge_store_retries",
+            "Store calls tried again after a transient database error, by kind (busy, locked, "
+            "disk full, connection lost, conflict, ...)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.deliveries = Counter(
             "bridge_deliveries",
             "Delivery attempts by target and outcome (sent, temporary_failure, permanent_failure)",
@@ -136,6 +143,9 @@ class Metrics:
 
     def event(self, event: Event) -> None:
         self.events.labels(event.type, event.source).inc()
+
+    def store_retry(self, kind: str) -> None:
+        self.store_retries.labels(kind).inc()
 
     def delivery(self, target: str, outcome: str, n: int = 1) -> None:
         self.deliveries.labels(target, outcome).inc(n)

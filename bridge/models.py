@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 JSON = dict[str, Any]
 
 
@@ -189,3 +191,160 @@ class Delivery:
 def delivery_id(event_id: str, target: str) -> str:
     """One delivery per (event, target), however many rules route the event there."""
     return event_id + ":" + target
+
+
+# -- what the diff keeps and the outbox holds (stored by bridge/store) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    tasks: list[dict[str, Any]]  # normalised task dicts (see normalize.py); each has a str "id"
+    missing: frozenset[str] = frozenset()  # tracked ids looked up by id and NOT found this look
+    complete: bool = True  # True: `tasks` is the whole list (poll); False: a partial view (push)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    status: str  # as the upstream said it ("" when empty); unknown values kept
+    progress: int  # 0..100, -1 when unknown
+    changed_at: float  # unix seconds of the last change the bridge saw (for stall_after)
+    stalled: bool = False  # task.stalled already emitted for this stall
+    missing: int = 0  # consecutive looks that confirmed it gone (task.vanished at 2)
+    finished: bool = False  # terminal or vanished: never emits again
+
+
+def event_json(event: Event) -> bytes:
+    return orjson.dumps(event.cloudevent())
+
+
+class OutboxItem:
+    """One delivery as the outbox holds it: what to send, and how it went so far.
+
+    The event travels as the CloudEvents JSON it was stored as (`payload`) and is parsed only when
+    a target asks for `event`: a webhook sends the stored bytes as they are, so claiming and
+    sending a delivery never parses and re-serialises its event (the delivery hot path)."""
+
+    __slots__ = (
+        "_event",
+        "_payload",
+        "attempts",
+        "body",
+        "created_at",
+        "group",
+        "id",
+        "last_error",
+        "next_at",
+        "rule",
+        "target",
+        "title",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        target: str,
+        rule: str,
+        title: str,
+        body: str,
+        group: str | None,
+        attempts: int,
+        created_at: float,
+        next_at: float,
+        last_error: str | None,
+        event: Event | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        if event is None and payload is None:
+            raise ValueError("an OutboxItem needs its event or the event's JSON")
+        self.id = id
+        self.target = target
+        self.rule = rule
+        self.title = title
+        self.body = body
+        self.group = group
+        self.attempts = attempts
+        self.created_at = created_at
+        self.next_at = next_at
+        self.last_error = last_error
+        self._event = event
+        self._payload = payload
+
+    @property
+    def event(self) -> Event:
+        if self._event is None:
+            assert self._payload is not None
+            self._event = Event.from_cloudevent(orjson.loads(self._payload))
+        return self._event
+
+    @property
+    def event_id(self) -> str:
+        """The event's id without parsing it: the outbox id is `{event id}:{target}`."""
+        suffix = ":" + self.target
+        return self.id.removesuffix(suffix) if self.id.endswith(suffix) else self.event.id
+
+    @property
+    def payload(self) -> bytes:
+        """The event as CloudEvents JSON: the webhook body."""
+        if self._payload is None:
+            self._payload = event_json(self.event)
+        return self._payload
+
+    def __repr__(self) -> str:
+        return f"OutboxItem(id={self.id!r}, target={self.target!r}, attempts={self.attempts})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutboxItem):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in _ITEM_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_ITEM_FIELDS = (
+    "id",
+    "target",
+    "rule",
+    "title",
+    "body",
+    "group",
+    "attempts",
+    "created_at",
+    "next_at",
+    "last_error",
+    "event",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A source's run of failed polls as the store keeps it (sources/health.py decides it), so a
+    reload or a new leader carries it on: one `source.down` and one `source.up` per outage."""
+
+    since: float  # when the first failed poll of the run happened
+    failures: int  # failed polls in a row
+    down: bool  # `source.down` was emitted and `source.up` not yet
+    reason: str | None = None  # of the last failure
+    message: str | None = None
+    down_id: str | None = None  # the id of the open `source.down`
+
+    def to_json(self) -> JSON:
+        return {
+            "since": self.since,
+            "failures": self.failures,
+            "down": self.down,
+            "reason": self.reason,
+            "message": self.message,
+            "down_id": self.down_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: JSON) -> Outage:
+        return cls(
+            since=float(data["since"]),
+            failures=int(data["failures"]),
+            down=bool(data["down"]),
+            reason=data.get("reason"),
+            message=data.get("message"),
+            down_id=data.get("down_id"),
+        )

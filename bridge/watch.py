@@ -23,13 +23,13 @@ from bridge.errors import SourceError, StoreError
 from bridge.logs import fields
 from bridge.metrics import Metrics
 from bridge.models import Event
+from bridge.roles import TaskStates
 from bridge.rules import Router
 from bridge.sources.health import SourceHealth
 from bridge.sources.modes import Reader
 from bridge.sources.normalize import unstorable
 from bridge.sources.poll import PollingSource
 from bridge.sources.probe import choose_reader
-from bridge.store import Store
 
 log = logging.getLogger("bridge.watch")
 
@@ -41,7 +41,7 @@ class Pipeline:
     """Rules -> outbox for the events of one change, committed with the states that produced them.
     The router is swapped whole on reload; `on_event` feeds printing (demo) and metrics."""
 
-    store: Store
+    store: TaskStates
     router: Router
     wake: Callable[[], None]
     on_event: list[Callable[[Event], None]] = field(default_factory=list)
@@ -321,6 +321,8 @@ class Watcher:
             return await self._failed(self._internal("storing", exc), now, started)
         if self.metrics is not None:
             self.metrics.poll(self.config.name, time.perf_counter() - started, True)
+        if self.health.failures:  # the outage (or the run of failures) is over for everyone
+            await self.pipeline.store.save_outage(self.config.name, None)
         self.health.success(now)
         self._internal_seen = None
         self.status.up = True
@@ -362,6 +364,7 @@ class Watcher:
         down = self.health.failure(exc.reason, now, str(exc))
         self.status.up = not self.health.down
         if down is None:
+            await self.pipeline.store.save_outage(self.config.name, self.health.outage())
             return []
         log.error(
             "%s: source down after %d failed polls (%s)",
@@ -370,14 +373,27 @@ class Watcher:
         )
         self.reader = None  # probe again once it answers: it may be another server now
         async with self._lock:
-            return await self.pipeline.publish(
+            new = await self.pipeline.publish(
                 self.config.name, {}, [down], now=now, seen=self._seen
             )
+        # Kept after its source.down is stored: a crash in between decides the same outage again,
+        # and the same event id is stored once.
+        await self.pipeline.store.save_outage(self.config.name, self.health.outage())
+        return new
 
     async def run(self) -> None:
         """Poll until cancelled, pacing by subtracting the work time from the sleep. A run is a
-        leadership: it starts from the shared store's states, whatever this watcher held."""
+        leadership: it starts from the shared store's states and source health, whatever this
+        watcher held (a reload builds a new watcher; a failover moves the source elsewhere)."""
         self._loaded = False
+        self.health.restore(await self.pipeline.store.load_outage(self.config.name))
+        self.status.up = not self.health.down
+        if self.health.down:
+            log.warning(
+                "%s: still down (%d failed polls, %s); source.up follows its first good poll",
+                *self._outage(),
+                extra=fields(source=self.config.name),
+            )
         interval = self.config.poll_interval
         while True:
             started = time.monotonic()

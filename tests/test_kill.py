@@ -9,13 +9,13 @@ import os
 import random
 import signal
 import sqlite3
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from bridge.simulator import Simulator
+from tests.conftest import bridge
 from tests.receiver import Receiver
 
 ENDINGS = {"task.succeeded", "task.failed", "task.cancelled"}
@@ -44,19 +44,7 @@ rules:
 
 
 async def start(config: Path, db: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "run",
-        "-c",
-        str(config),
-        "--db",
-        str(db),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return await bridge("run", "-c", str(config), "--db", str(db), log=Path(os.devnull))
 
 
 def _ended(receiver: Receiver) -> set[str]:

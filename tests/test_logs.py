@@ -147,10 +147,14 @@ async def test_json_logs_carry_a_utc_millisecond_time_and_the_fields(tmp_path: P
 
 
 async def test_library_debug_lines_need_a_second_v(tmp_path: Path) -> None:
+    # Two bridges, each with its own database: the second must see its own source.down (the
+    # outage a database keeps carries over to the next start, so it would log none).
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
     async with Simulator("midjourney-proxy", api_key="right-key") as sim:
-        one = _records(await run_bridge(tmp_path, sim, "--log-format", "json", "-v"))
+        one = _records(await run_bridge(tmp_path / "one", sim, "--log-format", "json", "-v"))
     async with Simulator("midjourney-proxy", api_key="right-key") as sim:
-        two = _records(await run_bridge(tmp_path, sim, "--log-format", "json", "-vv"))
+        two = _records(await run_bridge(tmp_path / "two", sim, "--log-format", "json", "-vv"))
     assert any(r["level"] == "debug" and str(r["logger"]).startswith("bridge") for r in one)
     assert not [r for r in one if not str(r["logger"]).startswith("bridge")]
     assert any(str(r["logger"]).startswith("aiosqlite") for r in two)

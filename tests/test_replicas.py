@@ -6,37 +6,24 @@ two ids."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-import bridge.app
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.simulator import Simulator
-from bridge.store import Store, open_store
+from bridge.store import Store
 from tests import pg
+from tests.conftest import bridge
 from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 0.3
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        async with await open_store(str(tmp_path / "b.db")) as s:
-            yield s
-        return
-    async with pg.database() as url, await open_store(url) as s:
-        yield s
 
 
 class Body:
@@ -58,20 +45,46 @@ class Body:
             raise
 
 
+class Asking:
+    """A store's leases, noting when a request for one was refused."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.refused = asyncio.Event()
+
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        taken = await self.store.try_lease(name, holder, ttl)
+        if not taken:
+            self.refused.set()
+        return taken
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        return await self.store.renew_lease(name, holder, ttl)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self.store.release_lease(name, holder)
+
+    async def lease(self, name: str) -> tuple[str, float] | None:
+        return await self.store.lease(name)
+
+
 async def test_only_the_holder_runs_and_a_stop_hands_over_at_once(store: Store) -> None:
     a, b = Body(), Body()
     lead_a = asyncio.create_task(while_leader(store, "source:mj", "a", TTL, a))
     await asyncio.wait_for(a.running.wait(), 5)
-    lead_b = asyncio.create_task(while_leader(store, "source:mj", "b", TTL, b))
-    await asyncio.sleep(3 * TTL)  # several renewals: a keeps it, b waits
+    asking = Asking(store)
+    lead_b = asyncio.create_task(while_leader(asking, "source:mj", "b", TTL, b))
+    for _ in range(3):  # b asks again and again (every TTL/2 at most) and is told to wait
+        asking.refused.clear()
+        await asyncio.wait_for(asking.refused.wait(), 5)
     assert (a.runs, b.runs) == (1, 0)
 
     lead_a.cancel()  # a clean stop releases the lease: b need not wait for it to expire
     await asyncio.gather(lead_a, return_exceptions=True)
     assert a.cancelled == 1
-    started = time.monotonic()
+    held = await store.lease("source:mj")
+    assert held is None or held[0] == "b"  # released at once, not left to run out
     await asyncio.wait_for(b.running.wait(), 5)
-    assert time.monotonic() - started < TTL
     lead_b.cancel()
     await asyncio.gather(lead_b, return_exceptions=True)
     assert await store.lease("source:mj") is None
@@ -155,22 +168,7 @@ rules:
 
 
 async def start_replica(config: Path, db: str, log: Path) -> asyncio.subprocess.Process:
-    with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bridge",
-            "run",
-            "-c",
-            str(config),
-            "--db",
-            db,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    return await bridge("run", "-c", str(config), "--db", db, log=log)
 
 
 async def leader_pid(url: str) -> int | None:
@@ -209,10 +207,6 @@ class PollClock:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-@pytest.mark.skipif(
-    not hasattr(bridge.app, "while_leader"),
-    reason="bridge/app.py does not run watchers under the source lease yet (issue 10)",
-)
 async def test_three_replicas_share_one_postgres_and_survive_the_leaders_sigkill(
     tmp_path: Path,
 ) -> None:
@@ -289,9 +283,7 @@ async def run_tasks(
             if body["type"] in TERMINAL:
                 ended.add(body["subject"])
         read = len(rx.requests)
-    resumed = clock.first_after(killed_at)
-    assert resumed is not None
-    assert resumed - killed_at < 2 * POLL, (
-        f"polling resumed {resumed - killed_at:.3f}s after the leader died (poll interval {POLL}s)"
-    )
+    # Polling resumed on another replica (how soon is the lease arithmetic's business, checked
+    # without a clock in test_the_lease_outlives_a_renewal_gap_and_takeover_fits_in_two_intervals).
+    assert clock.first_after(killed_at) is not None
     return ids

@@ -20,21 +20,9 @@ from bridge.errors import StoreError
 from bridge.models import Event
 from bridge.retention import prune_forever
 from bridge.store import Store, open_store
-from tests import pg
 from tests.receiver import make_delivery, make_event
 
 DAY = 86400.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """Every test taking `store` runs against both backends (PostgreSQL: a throwaway database)."""
-    if request.param == "sqlite":
-        async with await open_store(str(tmp_path / "bridge.db")) as s:
-            yield s
-        return
-    async with pg.database() as url, await open_store(url) as s:
-        yield s
 
 
 @pytest.fixture

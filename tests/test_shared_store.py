@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,9 +15,9 @@ import pytest
 from bridge.simulator import Simulator
 from bridge.store import Store
 from tests import pg
+from tests.conftest import bridge
 from tests.receiver import Receiver, Reply, make_delivery, make_event
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = 1000
 
 
@@ -43,25 +41,6 @@ rules:
     to: hook
 """
     )
-
-
-async def bridge(*args: str, log: Path | None = None) -> asyncio.subprocess.Process:
-    out = log.open("wb") if log is not None else None
-    try:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bridge",
-            *args,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out or asyncio.subprocess.PIPE,
-            stderr=out or asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    finally:
-        if out is not None:
-            out.close()
 
 
 async def stop(proc: asyncio.subprocess.Process) -> int:

@@ -19,7 +19,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every source's last good poll is within 3 poll intervals."""
+    """Ready when every source's last good poll is within 3 poll intervals and the store is not
+    retrying a transient error (disk full, locked, connection lost)."""
     live = live_of(request)
     now = time.time()
     sources: dict[str, str] = {}
@@ -38,7 +39,11 @@ async def readyz(request: web.Request) -> web.Response:
             )
         else:
             sources[name] = f"ok (last poll {now - last_ok:.1f}s ago)"
-    return json_answer({"ready": ready, "sources": sources}, status=200 if ready else 503)
+    answer: dict[str, object] = {"ready": ready, "sources": sources}
+    trouble = live.store.retrier.trouble  # a transient database error is being retried
+    if trouble is not None:
+        answer["ready"], answer["store"] = False, trouble
+    return json_answer(answer, status=200 if answer["ready"] else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:

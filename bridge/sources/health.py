@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bridge.models import Event, EventType, event_id, iso
+from bridge.models import Event, EventType, Outage, event_id, iso
 
 __all__ = ["SourceHealth"]
 
@@ -65,6 +65,30 @@ class SourceHealth:
         since = self.since
         data = {"since": iso(datetime.fromtimestamp(since, UTC)), "down_for": round(now - since, 3)}
         return self._event(EventType.SOURCE_UP.value, now, data, since)
+
+    def outage(self) -> Outage | None:
+        """The run of failures as the store keeps it (None: healthy), so the next poller of the
+        source (after a reload, or another replica) carries it on instead of starting over."""
+        if self.failures == 0 or self.since is None:
+            return None
+        down_id = event_id(self.source, EventType.SOURCE_DOWN.value, self.since)
+        return Outage(
+            since=self.since,
+            failures=self.failures,
+            down=self.down,
+            reason=self.reason,
+            message=self.message,
+            down_id=down_id if self.down else None,
+        )
+
+    def restore(self, outage: Outage | None) -> None:
+        """Take up the run of failures the store kept (None: healthy)."""
+        if outage is None:
+            self.failures, self.since, self.down = 0, None, False
+            self.reason = self.message = None
+            return
+        self.failures, self.since, self.down = outage.failures, outage.since, outage.down
+        self.reason, self.message = outage.reason, outage.message
 
     def backoff(self, poll_interval: float) -> float:
         """Seconds until the next poll: the interval while healthy, doubling with each failure in

@@ -12,9 +12,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from bridge.diff import TaskState
-from bridge.models import Event
-from bridge.store.base import OutboxRow, item_from_row
+from bridge.models import Event, TaskState
+from bridge.store.rows import OutboxRow, item_from_row
 
 #: The most rows one read returns.
 MAX_LIMIT = 1000

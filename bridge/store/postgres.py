@@ -5,37 +5,24 @@ timeout (`claimed_until`), renewed while the claiming replica lives; leases say 
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import random
+import re
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
-import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from bridge.diff import TaskState
 from bridge.errors import StoreError
-from bridge.models import Delivery, Event
-from bridge.store.base import (
-    CLAIM_TIMEOUT,
-    PRUNE_BATCH,
-    OutboxItem,
-    OutboxRow,
-    RecentPayloads,
-    Store,
-    claimed_items,
-    event_json,
-    holder_gone,
-    item_from_row,
-    log_recovered,
-    new_holder,
-)
+from bridge.models import Delivery, Event, TaskState, event_json
 from bridge.store.history import SqlHistory
+from bridge.store.holders import CLAIM_TIMEOUT, new_holder
+from bridge.store.postgres_outbox import PostgresOutbox, rows_touched
+from bridge.store.retry import Retrier
+from bridge.store.rows import PRUNE_BATCH, RecentPayloads
 from bridge.store.schema import POSTGRES_MIGRATIONS
 
 log = logging.getLogger("bridge.store")
@@ -44,29 +31,41 @@ T = TypeVar("T")
 
 CONNECT_FOR = 30.0  # seconds a database that does not answer yet is tried again at start
 POOL_SIZE = 10
-RETRY_FOR = 15.0  # seconds an operation is retried while the server is unreachable
 _MIGRATION_LOCK = 0x6D6A627269646765  # pg_advisory_xact_lock key: "mjbridge"
-_NOW = "extract(epoch FROM clock_timestamp())"
 
-# The server went away or is restarting: the same call is tried again on a fresh connection.
-_GONE: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    ConnectionError,
-    OSError,
-)
-# Two transactions crossed (e.g. an ack and a claim renewal on the same rows): one is retried.
-_CROSSED: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
-)
+# SQLSTATE classes and codes that trying again may cure, with what they mean for an operator
+# (https://www.postgresql.org/docs/current/errcodes-appendix.html). The rest is not retried.
+_TRANSIENT_STATES = {
+    "08": "connection lost",  # connection exception
+    "53": "out of resources",  # insufficient resources (53100: disk full)
+    "57P01": "connection lost",  # admin shutdown
+    "57P02": "connection lost",  # crash shutdown
+    "57P03": "starting up",  # cannot connect now
+    "40001": "conflict",  # serialization failure: two transactions crossed
+    "40P01": "conflict",  # deadlock detected
+    "55P03": "locked",  # lock not available
+}
 
-_ITEM = (
-    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
-    "o.next_at, o.last_error"
-)
+
+def translate(exc: BaseException, where: str) -> StoreError:
+    """The store's boundary: an asyncpg or connection error as a StoreError."""
+    message = f"database {where}: {exc}"
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str):
+        kind = _TRANSIENT_STATES.get(state) or _TRANSIENT_STATES.get(state[:2])
+        if state == "53100":
+            kind = "disk full"
+        return StoreError(message, transient=kind is not None, kind=kind or "error")
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.exceptions.ConnectionDoesNotExistError)):
+        return StoreError(message, transient=True, kind="connection lost")
+    return StoreError(message)
+
+
+@functools.lru_cache(maxsize=512)
+def numbered(sql: str) -> str:
+    """The shared queries' `?` placeholders as PostgreSQL's $1, $2, ..."""
+    counter = iter(range(1, 1 << 16))
+    return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
 
 
 def _options(url: str) -> tuple[str, float, float]:
@@ -99,26 +98,24 @@ def describe(url: str) -> str:
     return f"postgresql://{user}{host}{port}{parts.path}"
 
 
-def _count(status: str) -> int:
-    """Rows touched, from a command status such as "UPDATE 3"."""
-    tail = status.rsplit(" ", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-class PostgresStore(Store):
+class PostgresStore(PostgresOutbox):
     """Task state, events, outbox, dead letters and leases in PostgreSQL, shared by replicas.
 
     A pool of connections; every call is one transaction, retried on a fresh connection while the
     server is briefly unreachable (each call is safe to repeat: ids make inserts idempotent).
     """
 
+    _JOIN_EVENTS = "JOIN events e ON e.id = o.event_id"
+    _UNFINISHED = " AND NOT finished"
+
     def __init__(self, pool: Any, where: str, claim_timeout: float) -> None:
         self._pool = pool
         self._where = where
         self.claim_timeout = claim_timeout
         self.holder = new_holder()
-        self._held: set[str] = set()  # claimed by this process, outcome not recorded yet
+        self._held = set()
         self._payloads = RecentPayloads()
+        self.retrier = Retrier(where)
 
     @classmethod
     async def open(cls, url_or_path: str, *, readonly: bool = False) -> PostgresStore:
@@ -190,26 +187,28 @@ class PostgresStore(Store):
 
         await self._run(run)
 
+    @property
+    def history(self) -> SqlHistory:
+        return SqlHistory(lambda sql, params: self._fetch(sql, *params))
+
     async def _close(self) -> None:
         await self._pool.close()
 
     async def _run(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        """`call(connection)` on a pooled connection; again on a fresh one while the server is
-        unreachable (up to RETRY_FOR seconds) or when it crossed another transaction."""
-        deadline = time.monotonic() + RETRY_FOR
-        delay = 0.05
-        while True:
+        """`call(connection)` on a pooled connection, one transaction; again on a fresh one
+        while it fails transiently (retry.py). Every call is safe to repeat: ids make inserts
+        idempotent, and a call that failed committed nothing."""
+
+        async def once() -> T:
             try:
                 async with self._pool.acquire() as conn:
                     return await call(conn)
-            except _CROSSED:
-                await asyncio.sleep(random.uniform(0.0, 0.02))
-            except _GONE as exc:
-                if time.monotonic() >= deadline:
-                    raise StoreError(f"the database {self._where} is unreachable: {exc}") from None
-                log.warning("database %s: %s; trying again", self._where, exc)
-                await asyncio.sleep(delay)
-                delay = min(2.0, delay * 2)
+            except StoreError:
+                raise
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                raise translate(exc, self._where) from exc
+
+        return await self.retrier.run(once)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async def call(conn: Any) -> str:
@@ -218,34 +217,15 @@ class PostgresStore(Store):
         return await self._run(call)
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        if "?" in sql:
+            sql = numbered(sql)
+
         async def call(conn: Any) -> list[Any]:
             return list(await conn.fetch(sql, *args))
 
         return await self._run(call)
 
     # -- task state -------------------------------------------------------------------------
-
-    async def load_tasks(self, source: str, *, unfinished: bool = False) -> dict[str, TaskState]:
-        rows = await self._fetch(
-            "SELECT id, status, progress, changed_at, stalled, missing, finished "
-            "FROM tasks WHERE source = $1" + (" AND NOT finished" if unfinished else ""),
-            source,
-        )
-        return {
-            r[0]: TaskState(
-                status=r[1],
-                progress=r[2],
-                changed_at=r[3],
-                stalled=r[4],
-                missing=r[5],
-                finished=r[6],
-            )
-            for r in rows
-        }
-
-    async def source_seen(self, source: str) -> bool:
-        rows = await self._fetch("SELECT seen FROM sources WHERE name = $1", source)
-        return bool(rows and rows[0][0])
 
     async def _commit(
         self,
@@ -333,183 +313,6 @@ class PostgresStore(Store):
 
     # -- outbox -----------------------------------------------------------------------------
 
-    async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
-        """Due deliveries of `target` (pending, or in flight with a claim that expired: its
-        replica died), oldest first. SKIP LOCKED: replicas claiming at once take different rows."""
-        rows = await self._fetch(
-            "WITH due AS (SELECT id FROM outbox WHERE target = $1 AND next_at <= $2 "
-            "AND state IN ('pending', 'inflight') "
-            f"AND (state = 'pending' OR claimed_until < {_NOW}) "
-            "ORDER BY next_at LIMIT $3 FOR UPDATE SKIP LOCKED) "
-            f"UPDATE outbox o SET state = 'inflight', claimed_by = $4, "
-            f"claimed_until = {_NOW} + $5 FROM due WHERE o.id = due.id "
-            "RETURNING o.id, o.target, o.rule, o.event_id, "
-            'o.title, o.body, o."group", o.attempts, o.created_at, o.next_at, o.last_error',
-            target,
-            now,
-            limit,
-            self.holder,
-            self.claim_timeout,
-        )
-        # The events' JSON comes from RecentPayloads when this process just committed them.
-        items = await claimed_items(rows, self._payloads, self._event_json)
-        self._held.update(i.id for i in items)
-        return items
-
-    async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
-        rows = await self._fetch("SELECT id, json FROM events WHERE id = ANY($1::text[])", ids)
-        return [(r[0], r[1]) for r in rows]
-
-    async def renew_claims(self) -> None:
-        """While this process lives, its claims do not expire (however long a send takes)."""
-        held = list(self._held)
-        if held:
-            await self._execute(
-                f"UPDATE outbox SET claimed_until = {_NOW} + $1 WHERE id = ANY($2::text[]) "
-                "AND state = 'inflight' AND claimed_by = $3",
-                self.claim_timeout,
-                held,
-                self.holder,
-            )
-
-    async def recover(self) -> int:
-        """Claims of holders that are gone (a restart on this host) go back to pending at once,
-        and their leases are dropped; expired claims need nothing: `claim` takes them."""
-        rows = await self._fetch(
-            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
-            "UNION SELECT holder FROM leases"
-        )
-        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
-        if not gone:
-            return 0
-        count = _count(
-            await self._execute(
-                "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
-                "WHERE state = 'inflight' AND claimed_by = ANY($1::text[])",
-                gone,
-            )
-        )
-        await self._execute("DELETE FROM leases WHERE holder = ANY($1::text[])", gone)
-        log_recovered(count, gone)
-        return count
-
-    async def release(self, ids: Sequence[str]) -> None:
-        ids = list(ids)
-        self._held.difference_update(ids)
-        if ids:
-            await self._execute(
-                "UPDATE outbox SET state = 'pending', claimed_by = NULL, claimed_until = NULL "
-                "WHERE state = 'inflight' AND claimed_by = $2 AND id = ANY($1::text[])",
-                ids,
-                self.holder,
-            )
-
-    async def mark_sent(self, ids: Sequence[str]) -> None:
-        ids = list(ids)
-        if ids:
-            await self._execute(
-                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, updated_at = $2, "
-                "last_error = NULL, claimed_by = NULL, claimed_until = NULL "
-                "WHERE id = ANY($1::text[])",
-                ids,
-                time.time(),
-            )
-        self._held.difference_update(ids)
-
-    async def mark_retry(self, id: str, next_at: float, error: str) -> None:
-        await self._execute(
-            "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = $1, "
-            "last_error = $2, updated_at = $3, claimed_by = NULL, claimed_until = NULL "
-            "WHERE id = $4",
-            next_at,
-            error,
-            time.time(),
-            id,
-        )
-        self._held.discard(id)
-
-    async def mark_dead(self, id: str, error: str) -> None:
-        await self._execute(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = $1, "
-            "updated_at = $2, claimed_by = NULL, claimed_until = NULL WHERE id = $3",
-            error,
-            time.time(),
-            id,
-        )
-        self._held.discard(id)
-
-    async def abandon(self, targets: Collection[str]) -> dict[str, int]:
-        rows = await self._fetch(
-            "UPDATE outbox SET state = 'dead', last_error = 'target ' || target || "
-            "' is no longer in the config', updated_at = $1 WHERE state = 'pending' "
-            "AND NOT (target = ANY($2::text[])) RETURNING target",
-            time.time(),
-            list(targets),
-        )
-        return dict(Counter(r[0] for r in rows))
-
-    async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
-        rows = await self._fetch(
-            f"SELECT {_ITEM} FROM outbox o JOIN events e ON e.id = o.event_id "
-            "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT $1",
-            limit,
-        )
-        return [item_from_row(r) for r in rows]
-
-    async def replay(self, ids: Sequence[str] | None) -> int:
-        now = time.time()
-        sql = (
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_at = $1, created_at = $1, "
-            "updated_at = $1 WHERE state = 'dead'"
-        )
-        if ids is None:
-            return _count(await self._execute(sql, now))
-        return _count(await self._execute(f"{sql} AND id = ANY($2::text[])", now, list(ids)))
-
-    @property
-    def history(self) -> SqlHistory:
-        return SqlHistory(lambda sql, params: self._fetch(sql, *params))
-
-    async def recent_events(self, limit: int = 50) -> list[Event]:
-        rows = await self._fetch(
-            "SELECT json FROM events ORDER BY time DESC, seq DESC LIMIT $1", limit
-        )
-        return [Event.from_cloudevent(orjson.loads(r[0])) for r in rows]
-
-    async def recent_deliveries(self, limit: int = 50) -> list[OutboxRow]:
-        rows = await self._fetch(
-            f"SELECT {_ITEM}, o.state, o.updated_at FROM outbox o "
-            "JOIN events e ON e.id = o.event_id ORDER BY o.updated_at DESC, o.id LIMIT $1",
-            limit,
-        )
-        return [OutboxRow(item_from_row(r), r[11], r[12]) for r in rows]
-
-    async def outbox_depth(self) -> dict[str, int]:
-        rows = await self._fetch(
-            "SELECT target, COUNT(*) FROM outbox WHERE state IN ('pending', 'inflight') "
-            "GROUP BY target"
-        )
-        return {r[0]: r[1] for r in rows}
-
-    async def dead_count(self) -> dict[str, int]:
-        rows = await self._fetch(
-            "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
-        )
-        return {r[0]: r[1] for r in rows}
-
-    async def next_due(self, target: str) -> float | None:
-        """The next pending delivery, or the moment another replica's claim expires (if that
-        replica died, its deliveries are claimed again then)."""
-        rows = await self._fetch(
-            "SELECT LEAST("
-            "(SELECT MIN(next_at) FROM outbox WHERE target = $1 AND state = 'pending'), "
-            "(SELECT MIN(claimed_until) FROM outbox WHERE target = $1 AND state = 'inflight' "
-            "AND claimed_by IS DISTINCT FROM $2))",
-            target,
-            self.holder,
-        )
-        return float(rows[0][0]) if rows and rows[0][0] is not None else None
-
     # -- retention --------------------------------------------------------------------------
 
     async def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
@@ -518,7 +321,7 @@ class PostgresStore(Store):
         Replicas may prune at once: rows another one is deleting are skipped, not waited for."""
         deliveries = 0
         while True:
-            count = _count(
+            count = rows_touched(
                 await self._execute(
                     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE state = 'sent' "
                     "AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -557,23 +360,6 @@ class PostgresStore(Store):
 
     # -- message references -----------------------------------------------------------------
 
-    async def get_message(self, target: str, key: str) -> str | None:
-        rows = await self._fetch(
-            "SELECT ref FROM messages WHERE target = $1 AND key = $2", target, key
-        )
-        return str(rows[0][0]) if rows else None
-
-    async def put_message(self, target: str, key: str, ref: str) -> None:
-        await self._execute(
-            "INSERT INTO messages (target, key, ref, updated_at) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (target, key) DO UPDATE SET ref = excluded.ref, "
-            "updated_at = excluded.updated_at",
-            target,
-            key,
-            ref,
-            time.time(),
-        )
-
     # -- leases (the server's clock: replicas' clocks need not agree) -----------------------
 
     async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
@@ -599,9 +385,6 @@ class PostgresStore(Store):
             ttl,
         )
         return bool(rows)
-
-    async def release_lease(self, name: str, holder: str) -> None:
-        await self._execute("DELETE FROM leases WHERE name = $1 AND holder = $2", name, holder)
 
     async def lease(self, name: str) -> tuple[str, float] | None:
         rows = await self._fetch(

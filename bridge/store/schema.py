@@ -142,6 +142,10 @@ SQLITE_MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
     ALTER TABLE outbox ADD COLUMN claimed_until REAL;
     """,
+    # Source health (models.Outage as JSON; NULL: healthy), carried across reloads and leaders.
+    """
+    ALTER TABLE sources ADD COLUMN outage TEXT;
+    """,
 )
 
 # The version lives in `bridge_schema`; migrations run under an advisory lock, so replicas that
@@ -213,5 +217,9 @@ POSTGRES_MIGRATIONS: tuple[str, ...] = (
     """,
     """
     CREATE INDEX outbox_event ON outbox (event_id);
+    """,
+    # Source health (models.Outage as JSON; NULL: healthy), carried across reloads and leaders.
+    """
+    ALTER TABLE sources ADD COLUMN outage TEXT;
     """,
 )

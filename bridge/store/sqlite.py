@@ -1,85 +1,87 @@
-"""The outbox stage, embedded: one SQLite file holds task state, events and the deliveries still
-owed to targets, for one bridge process. A snapshot's new events and their deliveries are
-written before anything is sent (in parts of COMMIT_CHUNK events, its states with the last, see
-`Store.commit`); `deliver.py` then claims, sends and marks them.
+"""The outbox stage, embedded: one SQLite file holds task state, events, the deliveries still owed
+to targets, leases and source health. A snapshot's new events and their deliveries are written
+before anything is sent (in parts of COMMIT_CHUNK events, its states with the last, see
+`Store.commit`); `deliver.py` then claims, sends and marks them (sqlite_outbox.py). Several
+processes may open the file: commands beside `bridge run`, or two `bridge run` (as replicas).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiosqlite
-import orjson
 
-from bridge.diff import TaskState
 from bridge.errors import StoreError
-from bridge.models import Delivery, Event
-from bridge.store.base import (
-    PRUNE_BATCH,
-    OutboxItem,
-    OutboxRow,
-    RecentPayloads,
-    Store,
-    chunks,
-    claimed_items,
-    event_json,
-    holder_gone,
-    item_from_row,
-    log_recovered,
-    new_holder,
-)
+from bridge.models import Delivery, Event, TaskState, event_json
 from bridge.store.history import SqlHistory
+from bridge.store.holders import new_holder
+from bridge.store.retry import Retrier
+from bridge.store.rows import PRUNE_BATCH, RecentPayloads, chunks
 from bridge.store.schema import SQLITE_MIGRATIONS
+from bridge.store.sqlite_outbox import CHUNK, SqliteOutbox, id_hash, marks
 
 log = logging.getLogger("bridge.store")
 
+T = TypeVar("T")
+
 PAGE_SIZE = 8192  # for new database files; see open()
-_CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
 
-_ITEM_COLUMNS = (
-    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
-    "o.next_at, o.last_error"
-)
-_JOIN_EVENTS = "JOIN events e ON e.seq = o.event_seq"
+# sqlite3's primary result codes (the low byte of `sqlite_errorcode`) that trying again may cure,
+# with what they mean for an operator. Everything else (corrupt, not a database, read-only,
+# constraint, an SQL error) is not retried.
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY: "busy",
+    sqlite3.SQLITE_LOCKED: "locked",
+    sqlite3.SQLITE_FULL: "disk full",
+    sqlite3.SQLITE_IOERR: "I/O error",
+    sqlite3.SQLITE_NOMEM: "out of memory",
+    sqlite3.SQLITE_PROTOCOL: "locked",
+}
+_PERMANENT = {
+    sqlite3.SQLITE_CORRUPT: "corrupt",
+    sqlite3.SQLITE_NOTADB: "corrupt",
+    sqlite3.SQLITE_READONLY: "read-only",
+    sqlite3.SQLITE_CANTOPEN: "cannot open",
+}
 
 
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
+def translate(exc: sqlite3.Error, path: str) -> StoreError:
+    """The store's boundary: a sqlite3 error as a StoreError, transient or not."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in _TRANSIENT:
+        return StoreError(f"database {path}: {exc}", transient=True, kind=_TRANSIENT[primary])
+    return StoreError(f"database {path}: {exc}", kind=_PERMANENT.get(primary or 0, "error"))
 
 
-def id_hash(event_id: str) -> int:
-    """`events.h`: a signed 64-bit hash of an event id, the key re-detection finds an event by
-    (a third of the text id's size in the index; the id itself is compared after)."""
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+class SqliteStore(SqliteOutbox):
+    """Task state, events, outbox, dead letters and leases in one SQLite file (WAL mode).
 
-
-class SqliteStore(Store):
-    """Task state, events, outbox and dead letters in one SQLite file (WAL mode), for one process.
-
-    One connection, one writer: aiosqlite runs every statement on the connection's own thread, and
-    a lock keeps each call's statements (one transaction) together.
+    One connection per process: aiosqlite runs every statement on the connection's own thread,
+    and a lock keeps each call's statements (one transaction) together. Other processes on the
+    file wait for the write lock (busy_timeout), then the retry policy (retry.py).
     """
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    _JOIN_EVENTS = "JOIN events e ON e.seq = o.event_seq"
+    _UNFINISHED = " AND finished = 0"
+
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self._db = db
+        self._path = path
         # Coroutines share the one connection: a transaction must not interleave with another's
         # statements, and a read must not see another's uncommitted writes.
         self._lock = asyncio.Lock()
         self._payloads = RecentPayloads()
-        # Rowids of the deliveries claimed and not settled yet: acks find their rows by rowid.
-        self._rowids: dict[str, int] = {}
+        self._rowids = {}
         self.holder = new_holder()
+        self.retrier = Retrier(path)
 
     @classmethod
     async def open(cls, url_or_path: str, *, readonly: bool = False) -> SqliteStore:
@@ -100,8 +102,8 @@ class SqliteStore(Store):
         if readonly:
             try:
                 await db.execute("PRAGMA busy_timeout=5000")
-                store = cls(db)
-                await store._check_version(path)
+                store = cls(db, path)
+                await store._check_version()
             except BaseException as exc:
                 await db.close()
                 if isinstance(exc, sqlite3.Error):
@@ -128,8 +130,8 @@ class SqliteStore(Store):
             # checkpoint come ten times less often under a burst of events.
             await db.execute("PRAGMA wal_autocheckpoint=8000")
             await db.create_function("id_hash", 1, id_hash, deterministic=True)  # migrations
-            store = cls(db)
-            await store._migrate(path)
+            store = cls(db, path)
+            await store._migrate()
         except BaseException as exc:
             await db.close()
             if isinstance(exc, sqlite3.Error):
@@ -137,26 +139,27 @@ class SqliteStore(Store):
             raise
         return store
 
-    async def _version(self, path: str) -> int:
+    async def _version(self) -> int:
         async with self._db.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > len(SQLITE_MIGRATIONS):
             raise StoreError(
-                f"the database {path} has schema version {version}, newer than this bridge "
+                f"the database {self._path} has schema version {version}, newer than this bridge "
                 f"knows ({len(SQLITE_MIGRATIONS)}); upgrade the bridge"
             )
         return version
 
-    async def _check_version(self, path: str) -> None:
+    async def _check_version(self) -> None:
         """For a read-only open: the schema must be this bridge's."""
-        if await self._version(path) != len(SQLITE_MIGRATIONS):
+        if await self._version() != len(SQLITE_MIGRATIONS):
             raise StoreError(
-                f"the database {path} has an older schema; `bridge run` upgrades it at start"
+                f"the database {self._path} has an older schema; `bridge run` upgrades it at start"
             )
 
-    async def _migrate(self, path: str) -> None:
-        version = await self._version(path)
+    async def _migrate(self) -> None:
+        path = self._path
+        version = await self._version()
         if version == len(SQLITE_MIGRATIONS):
             return
         if version:
@@ -180,50 +183,45 @@ class SqliteStore(Store):
         if broken:
             raise StoreError(f"the database {path} failed its foreign key check after upgrading")
 
+    @property
+    def history(self) -> SqlHistory:
+        return SqlHistory(lambda sql, params: self._fetch(sql, *params), id_hash=id_hash)
+
     async def _close(self) -> None:
         await self._db.close()
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[None]:
-        """One write transaction; rolled back on any error, cancellation included."""
-        async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                await self._db.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):  # COMMIT may have run before a cancel
-                    await self._db.execute("ROLLBACK")
-                raise
+    async def _run(
+        self, call: Callable[[aiosqlite.Connection], Awaitable[T]], *, write: bool = True
+    ) -> T:
+        async def once() -> T:
+            async with self._lock:
+                try:
+                    if write:
+                        await self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = await call(self._db)
+                        if write:
+                            await self._db.execute("COMMIT")
+                    except BaseException:
+                        if write:  # COMMIT may have run before a cancel
+                            with contextlib.suppress(sqlite3.Error):
+                                await self._db.execute("ROLLBACK")
+                        raise
+                except sqlite3.Error as exc:
+                    raise translate(exc, self._path) from exc
+                return result
 
-    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self.retrier.run(once)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         """One statement, in a transaction of its own, in one trip to the database thread."""
-        async with self._lock:
-            return list(await self._db.execute_fetchall(sql, params))
 
-    # -- task state -------------------------------------------------------------------------
+        async def fetch(db: aiosqlite.Connection) -> list[Any]:
+            return list(await db.execute_fetchall(sql, args))
 
-    async def load_tasks(self, source: str, *, unfinished: bool = False) -> dict[str, TaskState]:
-        sql = (
-            "SELECT id, status, progress, changed_at, stalled, missing, finished "
-            "FROM tasks WHERE source = ?" + (" AND finished = 0" if unfinished else "")
-        )
-        rows = await self._fetch(sql, (source,))
-        return {
-            r[0]: TaskState(
-                status=r[1],
-                progress=r[2],
-                changed_at=r[3],
-                stalled=bool(r[4]),
-                missing=r[5],
-                finished=bool(r[6]),
-            )
-            for r in rows
-        }
+        return await self._run(fetch, write=False)
 
-    async def source_seen(self, source: str) -> bool:
-        rows = await self._fetch("SELECT seen FROM sources WHERE name = ?", (source,))
-        return bool(rows and rows[0][0])
+    # -- snapshots --------------------------------------------------------------------------
 
     async def _commit(
         self,
@@ -236,12 +234,12 @@ class SqliteStore(Store):
     ) -> list[Event]:
         now = time.time()
         candidates: dict[str, Event] = {e.id: e for e in events}
-        db = self._db
-        async with self._tx():
+
+        async def run(db: aiosqlite.Connection) -> tuple[list[Event], list[tuple[Any, ...]]]:
             known: set[str] = set()
             hashes = {e.id: id_hash(e.id) for e in candidates.values()}
-            for chunk in chunks(list(hashes.values()), _CHUNK):
-                sql = f"SELECT id FROM events WHERE h IN ({_marks(len(chunk))})"
+            for chunk in chunks(list(hashes.values()), CHUNK):
+                sql = f"SELECT id FROM events WHERE h IN ({marks(len(chunk))})"
                 known.update(r[0] for r in await db.execute_fetchall(sql, chunk))
             new = [e for e in candidates.values() if e.id not in known]
             if states:
@@ -310,198 +308,12 @@ class SqliteStore(Store):
                     "ON CONFLICT (name) DO UPDATE SET seen = 1",
                     (source,),
                 )
+            return new, event_rows
+
+        new, event_rows = await self._run(run)
         for row in event_rows:
             self._payloads.put(row[0], row[5])
         return new
-
-    # -- outbox -----------------------------------------------------------------------------
-
-    async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
-        """Due pending deliveries of `target`, oldest first, marked in flight by this holder so
-        no other worker (or process) takes them. A crash leaves them in flight until `recover`
-        in the next process that delivers finds their holder gone or their claim expired."""
-        # One statement is one transaction and one trip to the database thread: the hot path.
-        # The events' JSON comes from RecentPayloads when this process just committed them.
-        sql = (
-            "UPDATE outbox SET state = 'inflight', claimed_by = ?, claimed_until = ? "
-            "WHERE rowid IN ("
-            "SELECT rowid FROM outbox WHERE target = ? AND state = 'pending' AND next_at <= ? "
-            "ORDER BY next_at LIMIT ?) RETURNING id, target, rule, "
-            "(SELECT id FROM events WHERE seq = outbox.event_seq), "
-            'title, body, "group", attempts, created_at, next_at, last_error, rowid'
-        )
-        until = time.time() + self.claim_timeout
-        rows = await self._fetch(sql, (self.holder, until, target, now, limit))
-        self._rowids.update((r[0], r[11]) for r in rows)
-        return await claimed_items(rows, self._payloads, self._event_json)
-
-    async def _event_json(self, ids: Sequence[str]) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
-        for chunk in chunks(ids, _CHUNK):
-            sql = f"SELECT id, json FROM events WHERE h IN ({_marks(len(chunk))})"
-            wanted = set(chunk)
-            rows = await self._fetch(sql, [id_hash(i) for i in chunk])
-            out.extend((r[0], r[1]) for r in rows if r[0] in wanted)
-        return out
-
-    async def release(self, ids: Sequence[str]) -> None:
-        """Hand claimed deliveries back without counting an attempt (shutdown)."""
-        await self._update_ids(
-            "UPDATE outbox SET state = 'pending', claimed_by = NULL WHERE state = 'inflight' "
-            "AND claimed_by = ? AND rowid IN",
-            (self.holder,),
-            ids,
-        )
-
-    async def renew_claims(self) -> None:
-        await self._fetch(
-            "UPDATE outbox SET claimed_until = ? WHERE state = 'inflight' AND claimed_by = ?",
-            (time.time() + self.claim_timeout, self.holder),
-        )
-
-    async def recover(self) -> int:
-        """Claims of holders that are gone or that expired (a holder stopped renewing them; or
-        claimed by a bridge before claims named their holder) go back to pending."""
-        rows = await self._fetch(
-            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
-            "UNION SELECT holder FROM leases"
-        )
-        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
-        async with self._tx():
-            async with self._db.execute(
-                "UPDATE outbox SET state = 'pending', claimed_by = NULL WHERE state = 'inflight' "
-                "AND (claimed_by IS NULL OR claimed_until IS NULL OR claimed_until < ? "
-                f"OR claimed_by IN ({_marks(len(gone))}))",
-                (time.time(), *gone),
-            ) as cur:
-                count = int(cur.rowcount)
-            if gone:
-                await self._db.execute(
-                    f"DELETE FROM leases WHERE holder IN ({_marks(len(gone))})", gone
-                )
-        log_recovered(count, gone)
-        return count
-
-    async def mark_sent(self, ids: Sequence[str]) -> None:
-        await self._update_ids(
-            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, updated_at = ?, "
-            "last_error = NULL WHERE rowid IN",
-            (time.time(),),
-            ids,
-        )
-
-    async def mark_retry(self, id: str, next_at: float, error: str) -> None:
-        await self._update_ids(
-            "UPDATE outbox SET state = 'pending', attempts = attempts + 1, next_at = ?, "
-            "last_error = ?, updated_at = ? WHERE rowid IN",
-            (next_at, error, time.time()),
-            [id],
-        )
-
-    async def mark_dead(self, id: str, error: str) -> None:
-        await self._update_ids(
-            "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?, "
-            "updated_at = ? WHERE rowid IN",
-            (error, time.time()),
-            [id],
-        )
-
-    async def _rowids_of(self, ids: Sequence[str]) -> list[int]:
-        """The rowids of deliveries named by id: remembered from their claim, or else looked up
-        by their event and target (the id is "{event id}:{target}"; both are indexed)."""
-        found: list[int] = []
-        for id in ids:
-            rowid = self._rowids.pop(id, None)
-            if rowid is None:
-                event, _, target = id.partition(":")
-                rows = await self._fetch(
-                    "SELECT o.rowid FROM outbox o JOIN events e ON e.seq = o.event_seq "
-                    "WHERE e.h = ? AND e.id = ? AND o.target = ?",
-                    (id_hash(event), event, target),
-                )
-                found.extend(r[0] for r in rows)
-            else:
-                found.append(rowid)
-        return found
-
-    async def abandon(self, targets: Collection[str]) -> dict[str, int]:
-        known = list(targets)
-        rows = await self._fetch(
-            "UPDATE outbox SET state = 'dead', last_error = 'target ' || target || "
-            "' is no longer in the config', updated_at = ? WHERE state = 'pending' "
-            f"AND target NOT IN ({_marks(len(known))}) RETURNING target",
-            (time.time(), *known),
-        )
-        return dict(Counter(r[0] for r in rows))
-
-    async def _update_ids(self, sql: str, params: tuple[Any, ...], ids: Sequence[str]) -> None:
-        """`sql` ends in `rowid IN`; run it for the deliveries `ids` names: one statement when
-        they fit in one."""
-        rowids = await self._rowids_of(ids)
-        if len(rowids) <= _CHUNK:
-            if rowids:
-                await self._fetch(f"{sql} ({_marks(len(rowids))})", (*params, *rowids))
-            return
-        async with self._tx():
-            for chunk in chunks(rowids, _CHUNK):
-                await self._db.execute(f"{sql} ({_marks(len(chunk))})", (*params, *chunk))
-
-    async def dead_letters(self, limit: int = 100) -> list[OutboxItem]:
-        sql = (
-            f"SELECT {_ITEM_COLUMNS} FROM outbox o {_JOIN_EVENTS} "
-            "WHERE o.state = 'dead' ORDER BY o.updated_at DESC, o.id LIMIT ?"
-        )
-        return [item_from_row(r) for r in await self._fetch(sql, (limit,))]
-
-    async def replay(self, ids: Sequence[str] | None) -> int:
-        """Put dead letters back in the outbox (None: all of them), due now with fresh attempts
-        and a fresh age, so `max_attempts` and `max_age` count from the replay."""
-        now = time.time()
-        sql = (
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_at = ?, created_at = ?, "
-            "updated_at = ? WHERE state = 'dead'"
-        )
-        db = self._db
-        async with self._tx():
-            if ids is None:
-                async with db.execute(sql, (now, now, now)) as cur:
-                    count = cur.rowcount
-            else:
-                count = 0
-                for chunk in chunks(list(ids), _CHUNK):
-                    chunk_sql = f"{sql} AND id IN ({_marks(len(chunk))})"
-                    async with db.execute(chunk_sql, (now, now, now, *chunk)) as cur:
-                        count += cur.rowcount
-        return count
-
-    @property
-    def history(self) -> SqlHistory:
-        return SqlHistory(self._fetch, id_hash=id_hash)
-
-    async def recent_events(self, limit: int = 50) -> list[Event]:
-        sql = "SELECT json FROM events ORDER BY time DESC, rowid DESC LIMIT ?"
-        return [Event.from_cloudevent(orjson.loads(r[0])) for r in await self._fetch(sql, (limit,))]
-
-    async def recent_deliveries(self, limit: int = 50) -> list[OutboxRow]:
-        """The latest deliveries in any state, newest first (status page)."""
-        sql = (
-            f"SELECT {_ITEM_COLUMNS}, o.state, o.updated_at FROM outbox o "
-            f"{_JOIN_EVENTS} ORDER BY o.updated_at DESC, o.id LIMIT ?"
-        )
-        return [OutboxRow(item_from_row(r), r[11], r[12]) for r in await self._fetch(sql, (limit,))]
-
-    async def outbox_depth(self) -> dict[str, int]:
-        """Deliveries still waiting (pending or in flight) per target."""
-        sql = (
-            "SELECT target, COUNT(*) FROM outbox WHERE state IN ('pending', 'inflight') "
-            "GROUP BY target"
-        )
-        return {r[0]: r[1] for r in await self._fetch(sql)}
-
-    async def dead_count(self) -> dict[str, int]:
-        """Dead letters per target (metrics)."""
-        sql = "SELECT target, COUNT(*) FROM outbox WHERE state = 'dead' GROUP BY target"
-        return {r[0]: r[1] for r in await self._fetch(sql)}
 
     # -- retention --------------------------------------------------------------------------
 
@@ -514,7 +326,8 @@ class SqliteStore(Store):
             count = await self._delete(
                 "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox "
                 "WHERE state = 'sent' AND updated_at < ? LIMIT ?)",
-                (before, batch),
+                before,
+                batch,
             )
             deliveries += count
             if count < batch:
@@ -527,48 +340,39 @@ class SqliteStore(Store):
             rows = await self._fetch(
                 "SELECT time, rowid FROM events WHERE time < ? AND time >= ? "
                 "AND (time > ? OR rowid > ?) ORDER BY time, rowid LIMIT 1 OFFSET ?",
-                (before, low[0], low[0], low[1], batch - 1),
+                before,
+                low[0],
+                low[0],
+                low[1],
+                batch - 1,
             )
             high: tuple[float, int] = (rows[0][0], rows[0][1]) if rows else (before, 2**62)
             events += await self._delete(
                 "DELETE FROM events WHERE time < ? AND time >= ? AND (time > ? OR rowid > ?) "
                 "AND time <= ? AND (time < ? OR rowid <= ?) "
                 "AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.event_seq = events.seq)",
-                (before, low[0], low[0], low[1], high[0], high[0], high[1]),
+                before,
+                low[0],
+                low[0],
+                low[1],
+                high[0],
+                high[0],
+                high[1],
             )
             if not rows:
                 return deliveries, events
             low = high
 
-    async def _delete(self, sql: str, params: Sequence[Any]) -> int:
+    async def _delete(self, sql: str, *args: Any) -> int:
         """One statement in a write transaction of its own; the rows it touched."""
-        async with self._tx(), self._db.execute(sql, params) as cur:
-            return int(cur.rowcount)
 
-    # -- message references -----------------------------------------------------------------
+        async def run(db: aiosqlite.Connection) -> int:
+            async with db.execute(sql, args) as cur:
+                return int(cur.rowcount)
 
-    async def get_message(self, target: str, key: str) -> str | None:
-        """The reference a target kept for `key` (e.g. "source:task_id"): the chat message to
-        edit for that task. None when it has none yet."""
-        sql = "SELECT ref FROM messages WHERE target = ? AND key = ?"
-        rows = await self._fetch(sql, (target, key))
-        return str(rows[0][0]) if rows else None
+        return await self._run(run)
 
-    async def put_message(self, target: str, key: str, ref: str) -> None:
-        """Remember (or replace) the reference a target keeps for `key`."""
-        await self._fetch(
-            "INSERT INTO messages (target, key, ref, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (target, key) DO UPDATE SET ref = excluded.ref, "
-            "updated_at = excluded.updated_at",
-            (target, key, ref, time.time()),
-        )
-
-    async def next_due(self, target: str) -> float | None:
-        sql = "SELECT MIN(next_at) FROM outbox WHERE target = ? AND state = 'pending'"
-        rows = await self._fetch(sql, (target,))
-        return float(rows[0][0]) if rows and rows[0][0] is not None else None
-
-    # -- leases -----------------------------------------------------------------------------
+    # -- leases (this machine's clock: the processes on one file share it) ------------------
 
     async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
         now = time.time()
@@ -577,23 +381,26 @@ class SqliteStore(Store):
             "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
             "expires_at = excluded.expires_at "
             "WHERE leases.holder = excluded.holder OR leases.expires_at < ? RETURNING holder",
-            (name, holder, now + ttl, now),
+            name,
+            holder,
+            now + ttl,
+            now,
         )
         return bool(rows)
 
     async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
         rows = await self._fetch(
             "UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ? RETURNING 1",
-            (time.time() + ttl, name, holder),
+            time.time() + ttl,
+            name,
+            holder,
         )
         return bool(rows)
-
-    async def release_lease(self, name: str, holder: str) -> None:
-        await self._fetch("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     async def lease(self, name: str) -> tuple[str, float] | None:
         rows = await self._fetch(
             "SELECT holder, expires_at FROM leases WHERE name = ? AND expires_at >= ?",
-            (name, time.time()),
+            name,
+            time.time(),
         )
         return (str(rows[0][0]), float(rows[0][1]) - time.time()) if rows else None

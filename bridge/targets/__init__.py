@@ -21,14 +21,14 @@ from bridge.config import (
     TargetConfig,
     WebhookTargetConfig,
 )
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem
 from bridge.targets.discord import DiscordTarget
 from bridge.targets.notify import AppriseTarget
 from bridge.targets.slack import SlackTarget
 from bridge.targets.webhook import WebhookTarget
 
 if TYPE_CHECKING:
-    from bridge.store import Store
+    from bridge.roles import MessageRefs
 
 
 class Target(Protocol):
@@ -48,7 +48,7 @@ def build_target(
     name: str,
     config: TargetConfig,
     session: aiohttp.ClientSession,
-    store: Store | None = None,
+    store: MessageRefs | None = None,
     *,
     private_images: frozenset[str] = frozenset(),
 ) -> Target:

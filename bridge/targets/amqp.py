@@ -18,7 +18,7 @@ import aio_pika.exceptions
 from bridge import topics
 from bridge.config import AmqpTargetConfig
 from bridge.errors import DeliveryError
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
 
 

@@ -18,8 +18,7 @@ import orjson
 
 from bridge.config import BrokerTargetCommon
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import iso
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem, iso
 
 log = logging.getLogger("bridge.targets")
 

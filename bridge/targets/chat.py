@@ -23,13 +23,12 @@ from bridge import templates
 from bridge.config import ChatTargetCommon
 from bridge.diff import progress_value
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import EventType, Status, status_rank
-from bridge.store import OutboxItem
+from bridge.models import EventType, OutboxItem, Status, status_rank
 from bridge.targets.images import Image, fetch_image
 from bridge.templates import digest_text
 
 if TYPE_CHECKING:
-    from bridge.store import Store
+    from bridge.roles import MessageRefs
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ class ChatTarget:
         name: str,
         config: ChatTargetCommon,
         session: aiohttp.ClientSession,
-        store: Store | None,
+        store: MessageRefs | None,
         secrets: Sequence[str],
     ) -> None:
         self.name = name

@@ -22,7 +22,7 @@ from bridge.targets.http import classify, request, retry_after
 from bridge.targets.images import Image
 
 if TYPE_CHECKING:
-    from bridge.store import Store
+    from bridge.roles import MessageRefs
 
 _UNKNOWN_WEBHOOK = 10015  # Discord's JSON error code: the webhook was deleted
 _MAX_PAUSE = 5.0  # wait this long in place for a rate-limit bucket; longer goes through the outbox
@@ -94,7 +94,7 @@ class DiscordTarget(ChatTarget):
         name: str,
         config: DiscordTargetConfig,
         session: aiohttp.ClientSession,
-        store: Store | None = None,
+        store: MessageRefs | None = None,
     ) -> None:
         super().__init__(name, config, session, store, [config.discord, config.webhook_token])
         self._hook = f"{config.api_base}/webhooks/{config.webhook_id}/{config.webhook_token}"

@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from bridge import topics
 from bridge.config import NatsTargetConfig
 from bridge.errors import DeliveryError
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
 
 

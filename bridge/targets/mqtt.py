@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 from bridge import topics
 from bridge.config import MqttTargetConfig
 from bridge.errors import DeliveryError
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
 
 

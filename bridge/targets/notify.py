@@ -21,8 +21,7 @@ from apprise.manager_plugins import NotificationManager
 from bridge.config import AppriseTargetConfig
 from bridge.config.schema import url_secrets
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import Status
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem, Status
 from bridge.targets.http import retryable_status
 from bridge.targets.images import Image, fetch_image
 from bridge.templates import digest_text

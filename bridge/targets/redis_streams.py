@@ -17,7 +17,7 @@ from redis.retry import Retry
 from bridge import topics
 from bridge.config import RedisTargetConfig
 from bridge.errors import DeliveryError
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem
 from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
 
 # KEYS: stream, seen-key. ARGV: dedup seconds (0: off), maxlen (0: unbounded), then field/value

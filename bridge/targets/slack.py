@@ -19,7 +19,7 @@ from bridge.targets.http import classify, read_answer, request, retry_after
 from bridge.targets.images import Image
 
 if TYPE_CHECKING:
-    from bridge.store import Store
+    from bridge.roles import MessageRefs
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SlackTarget(ChatTarget):
         name: str,
         config: SlackTargetConfig,
         session: aiohttp.ClientSession,
-        store: Store | None = None,
+        store: MessageRefs | None = None,
     ) -> None:
         super().__init__(name, config, session, store, [config.token])
         self._api_base = config.api_base

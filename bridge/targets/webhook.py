@@ -22,8 +22,7 @@ from yarl import URL
 from bridge.config import WebhookTargetConfig
 from bridge.config.schema import url_secrets
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import event_id
-from bridge.store import OutboxItem
+from bridge.models import OutboxItem, event_id
 from bridge.targets.http import classify, request, retry_after
 
 __all__ = ["CLOUDEVENTS_BATCH", "WebhookTarget", "retry_after", "sign", "signing_key"]

@@ -1,0 +1,213 @@
+"""The store in trouble and the source health it keeps, with a real bridge, simulator and
+receiver: a disk that fills during a burst and is freed (nothing lost, nothing sent twice, not
+ready meanwhile), a corrupt page met by pruning (logged, the bridge goes on), and an outage that
+outlives a reload or a change of leader (one source.down, one source.up)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.app import Bridge
+from bridge.errors import StoreError
+from bridge.models import Event, TaskState
+from bridge.simulator import Simulator
+from bridge.store import Store
+from bridge.store.sqlite import SqliteStore
+from tests import pg
+from tests.receiver import Receiver
+from tests.test_app import config, running, until
+
+TERMINAL = {"task.succeeded", "task.failed", "task.cancelled"}
+
+
+def received(rx: Receiver) -> list[dict[str, Any]]:
+    return [r.json() for r in rx.requests]
+
+
+async def test_a_full_disk_during_a_burst_loses_nothing_and_sends_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    db = str(tmp_path / "b.db")
+    async with Simulator(api_key="k") as sim, Receiver() as rx:
+        bridge = Bridge(config(sim, rx), db)
+        async with running(bridge):
+            live = await bridge.wait_started()
+            store = live.store
+            assert isinstance(store, SqliteStore)
+            watcher = live.watchers["mj"]
+            await until(lambda: watcher.status.polls >= 1)  # first contact recorded
+            # The disk is full: the file may not grow by a page. max_page_count belongs to the
+            # connection, so the test sets it on the bridge's own.
+            connection = store._db
+            [(pages,)] = await connection.execute_fetchall("PRAGMA page_count")
+            await connection.execute(f"PRAGMA max_page_count = {pages}")
+            ids = [sim.add_task(f"burst {n}", steps=2) for n in range(400)]
+            sim.tick()
+            await until(lambda: store.retrier.trouble is not None)
+            assert "full" in (store.retrier.trouble or "")
+            retries = bridge.metrics.registry.get_sample_value(
+                "bridge_store_retries_total", {"kind": "disk full"}
+            )
+            assert retries
+            await connection.execute("PRAGMA max_page_count = 1073741823")  # space again
+            await until(lambda: ended(rx) >= set(ids), sim)
+            assert store.retrier.trouble is None
+        async with await Store.open(db, readonly=True) as check:
+            assert await check.outbox_depth() == {}
+            stored = {e.id for e in await check.recent_events(100_000)}
+    delivered = Counter(r.headers["webhook-id"] for r in rx.requests)
+    assert [k for k, n in delivered.items() if n > 1] == []  # 0 duplicates
+    assert stored - set(delivered) == set()  # 0 lost: every stored event arrived
+
+
+def ended(rx: Receiver) -> set[str]:
+    return {e["subject"] for e in received(rx) if e["type"] in TERMINAL}
+
+
+async def test_a_corrupt_page_met_by_pruning_is_logged_and_the_bridge_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = str(tmp_path / "b.db")
+    async with await Store.open(db) as store:  # old events, enough for several index pages
+        old = time.time() - 30 * 86400
+        events = [
+            Event(f"old-{n}", "task.succeeded", "mj", str(n), _when(old + n)) for n in range(4000)
+        ]
+        await store.commit("mj", {"x": TaskState("SUCCESS", 100, old, finished=True)}, events, [])
+    corrupt_oldest_time_index_page(db)
+    caplog.set_level(logging.WARNING, "bridge.retention")
+    async with Simulator(api_key="k") as sim, Receiver() as rx:
+        bridge = Bridge(config(sim, rx, retention="7d"), db)
+        async with running(bridge):
+            await until(lambda: "pruning failed" in caplog.text)
+            assert "malformed" in caplog.text
+            tid = sim.add_task("after the prune", steps=1)
+            await until(lambda: tid in ended(rx), sim)  # and it still delivers
+
+
+def corrupt_oldest_time_index_page(db: str) -> None:
+    """The oldest leaf of the events' time index goes bad: only pruning walks it (new events go
+    to the other end)."""
+    with sqlite3.connect(db) as conn:
+        [(page,)] = conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'events_time' AND pagetype = 'leaf' "
+            "ORDER BY path LIMIT 1"
+        ).fetchall()
+        [(size,)] = conn.execute("PRAGMA page_size").fetchall()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with Path(db).open("r+b") as raw:
+        raw.seek((page - 1) * size)
+        raw.write(b"\xde\xad\xbe\xef" * (size // 4))
+
+
+def _when(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def health_events(rx: Receiver) -> list[dict[str, Any]]:
+    return [e for e in received(rx) if e["type"] in ("source.down", "source.up")]
+
+
+async def test_an_outage_outlives_a_reload_one_down_and_one_up(tmp_path: Path) -> None:
+    async with Simulator(api_key="k") as sim, Receiver() as rx:
+        cfg = config(sim, rx)
+        bridge = Bridge(cfg, str(tmp_path / "b.db"))
+        async with running(bridge):
+            live = await bridge.wait_started()
+            await until(lambda: live.watchers["mj"].status.polls >= 1)
+            sim.fault = "500"
+            await until(lambda: health_events(rx))
+            bridge.swap(cfg.model_copy())  # a reload while the source is down
+            reloaded = await _next_running(bridge, live)
+            polls = len(sim.requests)
+            await until(lambda: len(sim.requests) >= polls + 3)  # failing on after the reload
+            sim.fault = None
+            await until(lambda: reloaded.watchers["mj"].status.up)
+            await until(lambda: len(health_events(rx)) >= 2)
+            await _polls(sim, 3)  # anything more would come by now
+    _one_outage(health_events(rx))
+
+
+async def _next_running(bridge: Bridge, old: Any) -> Any:
+    async with asyncio.timeout(15):
+        while bridge.running is old or bridge.running is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return await bridge.wait_started()
+
+
+async def _polls(sim: Simulator, n: int) -> None:
+    seen = len(sim.requests)
+    async with asyncio.timeout(15):
+        while len(sim.requests) < seen + n:  # noqa: ASYNC110 (the simulator's own list)
+            await asyncio.sleep(0.02)
+
+
+def _one_outage(events: list[dict[str, Any]]) -> None:
+    assert [e["type"] for e in events] == ["source.down", "source.up"], events
+    down, up = events
+    assert down["data"]["since"] == up["data"]["since"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_an_outage_outlives_a_change_of_leader_one_down_and_one_up(
+    backend: str, tmp_path: Path
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        db = str(tmp_path / "b.db")
+        if backend == "postgres":
+            db = await stack.enter_async_context(pg.database())
+        sim = await stack.enter_async_context(Simulator(api_key="k"))
+        rx = await stack.enter_async_context(Receiver())
+        cfg = config(sim, rx)
+        first, second = Bridge(cfg, db), Bridge(cfg, db)
+        async with running(first):
+            await until(lambda: first.running is not None and first.running.watchers["mj"].leading)
+            await until(
+                lambda: first.running is not None and first.running.watchers["mj"].status.polls >= 1
+            )
+            async with running(second):
+                sim.fault = "500"
+                await until(lambda: health_events(rx))
+                first.stop()  # the leader goes; the other one takes the source over, still down
+                await until(
+                    lambda: second.running is not None and second.running.watchers["mj"].leading
+                )
+                await _polls(sim, 3)
+                sim.fault = None
+                await until(lambda: len(health_events(rx)) >= 2)
+                await _polls(sim, 3)
+    _one_outage(health_events(rx))
+
+
+async def test_a_store_that_stays_broken_stops_the_bridge_cleanly_with_one_line(
+    tmp_path: Path,
+) -> None:
+    async with Simulator(api_key="k") as sim, Receiver() as rx:
+        bridge = Bridge(config(sim, rx), str(tmp_path / "b.db"))
+        task = asyncio.create_task(bridge.run())
+        live = await bridge.wait_started()
+        store = live.store
+        assert isinstance(store, SqliteStore)
+        await until(lambda: live.watchers["mj"].status.polls >= 1)
+        store.retrier.retry_for = 0.5  # the default minute, shortened for the test
+        [(pages,)] = await store._db.execute_fetchall("PRAGMA page_count")
+        await store._db.execute(f"PRAGMA max_page_count = {pages}")  # full, and it stays full
+        for n in range(200):
+            sim.add_task(f"t{n}")
+        sim.tick()
+        with pytest.raises(StoreError) as info:
+            await asyncio.wait_for(task, 30)
+    assert "full" in str(info.value)
+    assert "stopped" in str(info.value)
+    assert "\n" not in str(info.value)  # cli.py prints it as one line, exit 1
