@@ -211,3 +211,60 @@ async def test_a_store_that_stays_broken_stops_the_bridge_cleanly_with_one_line(
     assert "full" in str(info.value)
     assert "stopped" in str(info.value)
     assert "\n" not in str(info.value)  # cli.py prints it as one line, exit 1
+
+
+class FullDisk:
+    """A store's leases whose writes fail as a full disk does, while `full` is set."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.full = False
+        self.failed = 0
+
+    def _check(self) -> None:
+        if self.full:
+            self.failed += 1
+            raise StoreError("database b.db: database or disk is full", transient=True)
+
+    async def try_lease(self, name: str, holder: str, ttl: float) -> bool:
+        self._check()
+        return await self.store.try_lease(name, holder, ttl)
+
+    async def renew_lease(self, name: str, holder: str, ttl: float) -> bool:
+        self._check()
+        return await self.store.renew_lease(name, holder, ttl)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        self._check()
+        await self.store.release_lease(name, holder)
+
+    async def lease(self, name: str) -> tuple[str, float] | None:
+        return await self.store.lease(name)
+
+
+async def test_a_full_disk_during_lease_renewal_pauses_polling_and_never_raises(
+    tmp_path: Path,
+) -> None:
+    from bridge.lease import while_leader
+
+    async with await Store.open(str(tmp_path / "b.db")) as store:
+        disk = FullDisk(store)
+        runs: list[asyncio.Event] = []
+
+        async def body() -> None:
+            runs.append(asyncio.Event())
+            await asyncio.Event().wait()
+
+        leading = asyncio.create_task(while_leader(disk, "source:mj", "me", 0.3, body))
+        async with asyncio.timeout(10):
+            while not runs:  # noqa: ASYNC110 (the body's own list)
+                await asyncio.sleep(0.01)
+            disk.full = True
+            while disk.failed < 5:  # noqa: ASYNC110 (renewals, then attempts to take it again)
+                await asyncio.sleep(0.01)
+            assert not leading.done()  # no traceback, no exit: it waits for the disk
+            disk.full = False
+            while len(runs) < 2:  # noqa: ASYNC110 (the lease is taken again, polling resumes)
+                await asyncio.sleep(0.01)
+        leading.cancel()
+        await asyncio.gather(leading, return_exceptions=True)

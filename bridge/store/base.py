@@ -20,16 +20,12 @@ from bridge.models import Delivery, Event, Outage, OutboxItem, TaskState
 from bridge.store.holders import CLAIM_TIMEOUT, forget_holder
 from bridge.store.retry import Retrier
 from bridge.store.rows import COMMIT_CHUNK, PRUNE_BATCH, OutboxRow, chunks, item_from_row
+from bridge.store.rows import ITEM_COLUMNS as _ITEM
 
 if TYPE_CHECKING:
     from bridge.store.history import History
 
 log = logging.getLogger("bridge.store")
-
-_ITEM = (
-    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
-    "o.next_at, o.last_error"
-)
 
 
 def is_postgres(url_or_path: str) -> bool:

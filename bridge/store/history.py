@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import orjson
 
 from bridge.models import Event, TaskState
+from bridge.store.rows import ITEM_COLUMNS as _ITEM
 from bridge.store.rows import OutboxRow, item_from_row
 
 #: The most rows one read returns.
@@ -106,9 +107,9 @@ Fetch = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
 
 
 class SqlHistory:
-    """History over either backend: `fetch(sql, params)` runs a query with `?` placeholders
-    (rewritten to `$n` for PostgreSQL). SQLite finds an event by `id_hash` of its id (its one
-    index on events' ids, schema 7); PostgreSQL (id_hash None) by the id, its primary key."""
+    """History over either backend: `fetch(sql, params)` runs a query with `?` placeholders (the
+    PostgreSQL store numbers them `$n` itself). SQLite finds an event by `id_hash` of its id (its
+    one index on events' ids, schema 7); PostgreSQL (id_hash None) by the id, its primary key."""
 
     def __init__(self, fetch: Fetch, *, id_hash: Callable[[str], int] | None = None) -> None:
         self._fetch = fetch
@@ -118,9 +119,6 @@ class SqlHistory:
         self._join = "e.id = o.event_id" if self._postgres else "e.seq = o.event_seq"
 
     async def _rows(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-        if self._postgres:
-            parts = sql.split("?")
-            sql = parts[0] + "".join(f"${n}{p}" for n, p in enumerate(parts[1:], 1))
         return await self._fetch(sql, params)
 
     @staticmethod
@@ -243,9 +241,3 @@ class SqlHistory:
         )
         params.append(max(1, min(limit, MAX_LIMIT)))
         return [OutboxRow(item_from_row(r), r[11], r[12]) for r in await self._rows(sql, params)]
-
-
-_ITEM = (
-    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
-    "o.next_at, o.last_error"
-)

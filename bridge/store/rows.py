@@ -27,6 +27,13 @@ class OutboxRow:
 PRUNE_BATCH = 5000
 
 
+#: The columns `item_from_row` reads, from an outbox row `o` joined to its event `e`.
+ITEM_COLUMNS = (
+    'o.id, o.target, o.rule, e.json, o.title, o.body, o."group", o.attempts, o.created_at, '
+    "o.next_at, o.last_error"
+)
+
+
 def item_from_row(row: Sequence[Any], payload: bytes | None = None) -> OutboxItem:
     """An OutboxItem from the columns id, target, rule, event json, title, body, group,
     attempts, created_at, next_at, last_error (in that order). With `payload`, the fourth column
