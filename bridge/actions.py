@@ -15,7 +15,7 @@ from bridge.config import SourceConfig
 from bridge.errors import SourceError
 from bridge.models import Event, EventType, iso
 from bridge.rules import Router
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 
 log = logging.getLogger("bridge.actions")
 
@@ -29,9 +29,7 @@ SEED_TIMEOUT = 2.0
 class UpstreamActions:
     """One per source. Holds the cancels whose outcome rides on the task's next event."""
 
-    def __init__(
-        self, config: SourceConfig, source: PollingSource, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, config: SourceConfig, source: TaskAPI, clock: Callable[[], float]) -> None:
         self.config = config
         self.source = source
         self.clock = clock

@@ -24,13 +24,14 @@ from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics
 from bridge.models import Event
+from bridge.publish import Publisher
 from bridge.retention import prune_forever
 from bridge.rules import Router
 from bridge.server import serve
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.store import Store
 from bridge.targets import build_target, close_targets
-from bridge.watch import Pipeline, Watcher
+from bridge.watch import Watcher
 
 log = logging.getLogger("bridge.app")
 
@@ -49,7 +50,7 @@ class Running:
 
     config: Config
     store: Store
-    pipeline: Pipeline
+    publisher: Publisher
     watchers: dict[str, Watcher]
     deliverer: Deliverer
     session: aiohttp.ClientSession
@@ -153,14 +154,14 @@ class Bridge:
         )
         # Throttle and digest memory carries over a reload for the rules that keep their name.
         self._router = Router(config, previous=self._router)
-        pipeline = Pipeline(
+        publisher = Publisher(
             store, self._router, deliverer.wake, [self.metrics.event, *self.on_event]
         )
         watchers = {
-            s.name: Watcher(s, PollingSource(s, session), pipeline, metrics=self.metrics)
+            s.name: Watcher(s, TaskAPI(s, session), publisher, metrics=self.metrics)
             for s in config.sources
         }
-        self.running = Running(config, store, pipeline, watchers, deliverer, session)
+        self.running = Running(config, store, publisher, watchers, deliverer, session)
         log.info(
             "running: sources %s; targets %s; rules %s; listen %s",
             ", ".join(f"{s.name} ({s.base_url})" for s in config.sources) or "none",

@@ -184,7 +184,7 @@ class Delivery:
     group: str | None = None
     not_before: datetime | None = None
     # Set when the rule's template went over a limit of the sandbox: the delivery is stored as a
-    # dead letter with this reason (watch.Pipeline), carrying the default title and body.
+    # dead letter with this reason (publish.Publisher), carrying the default title and body.
     error: str | None = None
 
 

@@ -12,8 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge.actions import UpstreamActions
@@ -23,71 +22,14 @@ from bridge.errors import SourceError, StoreError
 from bridge.logs import fields
 from bridge.metrics import Metrics
 from bridge.models import Event
-from bridge.roles import TaskStates
-from bridge.rules import Router
+from bridge.publish import Publisher
 from bridge.sources.health import SourceHealth
 from bridge.sources.modes import Reader
 from bridge.sources.normalize import unstorable
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.sources.probe import choose_reader
 
 log = logging.getLogger("bridge.watch")
-
-_NEVER = datetime(9999, 1, 1, tzinfo=UTC)
-
-
-@dataclass(slots=True)
-class Pipeline:
-    """Rules -> outbox for the events of one change, committed with the states that produced them.
-    The router is swapped whole on reload; `on_event` feeds printing (demo) and metrics."""
-
-    store: TaskStates
-    router: Router
-    wake: Callable[[], None]
-    on_event: list[Callable[[Event], None]] = field(default_factory=list)
-
-    async def publish(
-        self,
-        source: str,
-        states: dict[str, TaskState],
-        events: Sequence[Event],
-        *,
-        now: float,
-        seen: bool = True,
-    ) -> list[Event]:
-        deliveries = self.router.route(events, now) if events else []
-        failed = [d for d in deliveries if d.error is not None]
-        if failed:
-            # A template over a sandbox limit: stored as never due, then made a dead letter with
-            # the reason (a crash in between leaves it pending and unsent, never sent).
-            deliveries = [replace(d, not_before=_NEVER) if d.error else d for d in deliveries]
-        new = await self.store.commit(
-            source, states, events, deliveries, seen=seen, progress=self.wake
-        )
-        if failed:
-            stored = {event.id for event in new}
-            for d in failed:
-                if d.event.id in stored and d.error is not None:
-                    log.error("%s: %s", d.target, d.error, extra=fields(source=source))
-                    await self.store.mark_dead(d.id, d.error)
-        if deliveries:
-            self.wake()
-        for event in new:
-            log.info(
-                "%s %s %s",
-                event.type,
-                event.source,
-                event.subject,
-                extra=fields(
-                    source=event.source,
-                    task=event.subject,
-                    event_type=event.type,
-                    event_id=event.id,
-                ),
-            )
-            for callback in self.on_event:
-                callback(event)
-        return new
 
 
 @dataclass(slots=True)
@@ -114,8 +56,8 @@ class Watcher:
     def __init__(
         self,
         config: SourceConfig,
-        source: PollingSource,
-        pipeline: Pipeline,
+        source: TaskAPI,
+        publisher: Publisher,
         *,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
@@ -123,7 +65,7 @@ class Watcher:
         self.config = config
         self.metrics = metrics
         self.source = source
-        self.pipeline = pipeline
+        self.publisher = publisher
         self.clock = clock
         self.health = SourceHealth(config.name)
         self.status = SourceStatus(config.name)
@@ -148,7 +90,7 @@ class Watcher:
         (an index) and is how ids added elsewhere reach this watcher: another replica's push or
         /track, or `bridge track` writing to the database."""
         async with self._lock:
-            store, name = self.pipeline.store, self.config.name
+            store, name = self.publisher.store, self.config.name
             if not self._seen:
                 self._seen = await store.source_seen(name)
             if not self._loaded:
@@ -179,7 +121,7 @@ class Watcher:
             new = {tid: TaskState("", -1, now) for tid in dict.fromkeys(ids) if tid}
             new = {tid: st for tid, st in new.items() if tid not in self.states}
             if new:
-                await self.pipeline.publish(self.config.name, new, [], now=now, seen=self._seen)
+                await self.publisher.publish(self.config.name, new, [], now=now, seen=self._seen)
                 self._record(new)
                 self._fresh.update(new)
                 self._count()
@@ -217,7 +159,7 @@ class Watcher:
         async with self._lock:
             new = await self._apply(snapshot, extra)
         if new:
-            await self.actions.act(new, self.pipeline.router)
+            await self.actions.act(new, self.publisher.router)
         return new
 
     async def _apply(self, snapshot: Snapshot, extra: Sequence[Event]) -> list[Event]:
@@ -260,7 +202,7 @@ class Watcher:
         if not result.changed and not events and self._seen:
             return []
         await self.actions.finish(events)
-        new = await self.pipeline.publish(
+        new = await self.publisher.publish(
             self.config.name, result.changed, events, now=now, seen=True
         )
         self._record(result.changed)
@@ -322,7 +264,7 @@ class Watcher:
         if self.metrics is not None:
             self.metrics.poll(self.config.name, time.perf_counter() - started, True)
         if self.health.failures:  # the outage (or the run of failures) is over for everyone
-            await self.pipeline.store.save_outage(self.config.name, None)
+            await self.publisher.store.save_outage(self.config.name, None)
         self.health.success(now)
         self._internal_seen = None
         self.status.up = True
@@ -364,7 +306,7 @@ class Watcher:
         down = self.health.failure(exc.reason, now, str(exc))
         self.status.up = not self.health.down
         if down is None:
-            await self.pipeline.store.save_outage(self.config.name, self.health.outage())
+            await self.publisher.store.save_outage(self.config.name, self.health.outage())
             return []
         log.error(
             "%s: source down after %d failed polls (%s)",
@@ -373,12 +315,12 @@ class Watcher:
         )
         self.reader = None  # probe again once it answers: it may be another server now
         async with self._lock:
-            new = await self.pipeline.publish(
+            new = await self.publisher.publish(
                 self.config.name, {}, [down], now=now, seen=self._seen
             )
         # Kept after its source.down is stored: a crash in between decides the same outage again,
         # and the same event id is stored once.
-        await self.pipeline.store.save_outage(self.config.name, self.health.outage())
+        await self.publisher.store.save_outage(self.config.name, self.health.outage())
         return new
 
     async def run(self) -> None:
@@ -386,7 +328,7 @@ class Watcher:
         leadership: it starts from the shared store's states and source health, whatever this
         watcher held (a reload builds a new watcher; a failover moves the source elsewhere)."""
         self._loaded = False
-        self.health.restore(await self.pipeline.store.load_outage(self.config.name))
+        self.health.restore(await self.publisher.store.load_outage(self.config.name))
         self.status.up = not self.health.down
         if self.health.down:
             log.warning(

@@ -13,7 +13,7 @@ from bridge.cli import main
 from bridge.config import load_config
 from bridge.errors import ConfigError
 from bridge.simulator import Simulator
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.sources.probe import choose_reader
 
 # `bridge check` through main() sets up logging for the process: put it back after each test.
@@ -73,7 +73,7 @@ async def test_the_example_reads_its_upstream(name: str) -> None:
     async with Simulator(flavor, api_key=KEY) as sim, aiohttp.ClientSession() as session:
         sim.seed_tasks(5)
         config = load_config(EXAMPLES / f"{name}.yaml", {**ENV, "MJ_BASE_URL": sim.url})
-        source = PollingSource(config.sources[0], session)
+        source = TaskAPI(config.sources[0], session)
         reader, _ = await choose_reader(config.sources[0], source)
         assert reader.mode == mode
         await reader.read([], set(), 0.0)

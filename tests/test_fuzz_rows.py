@@ -22,12 +22,13 @@ from bridge.config import Config
 from bridge.diff import Snapshot
 from bridge.errors import SourceError
 from bridge.models import Event
+from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.server.push import tasks_of
 from bridge.sources.normalize import parse_tasks, unstorable
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.store import Store
-from bridge.watch import Pipeline, Watcher
+from bridge.watch import Watcher
 from tests.hostile import HostileUpstream, deep
 
 STATUSES = ["NOT_START", "SUBMITTED", "MODAL", "IN_PROGRESS", "SUCCESS", "FAILURE", "CANCEL", ""]
@@ -100,9 +101,9 @@ async def rig(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator[R
         )
         async with await Store.open(str(tmp_path / "fuzz.db")) as store:
             events: list[Event] = []
-            pipeline = Pipeline(store, Router(config), lambda: None, [events.append])
+            publisher = Publisher(store, Router(config), lambda: None, [events.append])
             src = config.sources[0]
-            yield Rig(Watcher(src, PollingSource(src, session), pipeline), up, events)
+            yield Rig(Watcher(src, TaskAPI(src, session), publisher), up, events)
 
 
 @settings(

@@ -19,11 +19,12 @@ from bridge.config import Config
 from bridge.errors import SourceError
 from bridge.metrics import Metrics
 from bridge.models import Delivery, Event
+from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.simulator import Simulator
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.store import Store, open_store
-from bridge.watch import Pipeline, Watcher
+from bridge.watch import Watcher
 from tests import pg
 from tests.hostile import CHUNK, HostileUpstream, deep
 from tests.process import BridgeProcess
@@ -143,10 +144,10 @@ async def test_an_unexpected_exception_is_the_sources_failure(
         )
         async with await Store.open(str(tmp_path / "b.db")) as store:
             events: list[Event] = []
-            pipeline = Pipeline(store, Exploding(config), lambda: None, [events.append])
+            publisher = Publisher(store, Exploding(config), lambda: None, [events.append])
             src = config.sources[0]
             metrics = Metrics()
-            watcher = Watcher(src, PollingSource(src, session), pipeline, metrics=metrics)
+            watcher = Watcher(src, TaskAPI(src, session), publisher, metrics=metrics)
             for _ in range(4):
                 await watcher.poll_once()
             assert [e.type for e in events] == ["source.down"]
@@ -291,10 +292,10 @@ async def test_a_template_over_a_limit_is_stored_as_a_dead_letter(store: Store) 
             ],
         }
     )
-    pipeline = Pipeline(store, Router(config), lambda: None)
+    publisher = Publisher(store, Router(config), lambda: None)
     event = make_event(1)
-    await pipeline.publish("mj", {}, [event], now=time.time())
-    await pipeline.publish("mj", {}, [event], now=time.time())  # re-detected: nothing new
+    await publisher.publish("mj", {}, [event], now=time.time())
+    await publisher.publish("mj", {}, [event], now=time.time())  # re-detected: nothing new
     dead = await store.dead_letters()
     assert [(d.target, d.last_error) for d in dead] == [
         ("spin", "rule 'r': template stopped: a repetition of 1,000,000,000 characters")
@@ -314,7 +315,7 @@ async def test_max_response_is_counted_while_the_answer_streams(
         config = Config.model_validate(
             {"sources": [{"name": "s", "base_url": up.url, "max_response": "4KiB"}]}
         )
-        source = PollingSource(config.sources[0], session)
+        source = TaskAPI(config.sources[0], session)
         with pytest.raises(SourceError) as caught:
             await source.list_tasks()
         assert caught.value.reason == "too_large"

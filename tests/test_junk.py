@@ -19,11 +19,12 @@ from aiohttp import web
 
 from bridge.config import Config
 from bridge.models import UNFINISHED, Event
+from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.simulator import Simulator
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.store import Store
-from bridge.watch import Pipeline, Watcher
+from bridge.watch import Watcher
 from tests.test_modes import Clock
 
 KEY = "sk-junk-4242"
@@ -169,9 +170,9 @@ async def rig(tmp_path: Path, flavor: str, **source: Any) -> AsyncIterator[Rig]:
         try:
             src = config.sources[0]
             events: list[Event] = []
-            pipeline = Pipeline(store, Router(config), lambda: None, [events.append])
+            publisher = Publisher(store, Router(config), lambda: None, [events.append])
             clock = Clock()
-            watcher = Watcher(src, PollingSource(src, session), pipeline, clock=clock)
+            watcher = Watcher(src, TaskAPI(src, session), publisher, clock=clock)
             junk = Junk(proxy)
             junk.good = sim.task(done) or {}
             yield Rig(sim, proxy, junk, watcher, clock, events)

@@ -15,13 +15,14 @@ import pytest
 
 from bridge.config import Config
 from bridge.models import Event
+from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.simulator import Simulator
 from bridge.sources.modes import SMALL_LIST, ActiveReader
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 from bridge.sources.probe import choose_reader
 from bridge.store import Store
-from bridge.watch import Pipeline, Watcher
+from bridge.watch import Watcher
 
 AUTH = {"midjourney-proxy": "mj-api-secret", "trueai": "raw", "new-api": "bearer"}
 
@@ -82,10 +83,10 @@ async def rig(tmp_path: Path, flavor: str, *, seed: int = 0, **source: Any) -> A
         store = await Store.open(str(tmp_path / "b.db"))
         try:
             events: list[Event] = []
-            pipeline = Pipeline(store, Router(config), lambda: None, [events.append])
+            publisher = Publisher(store, Router(config), lambda: None, [events.append])
             clock = Clock()
             src = config.sources[0]
-            watcher = Watcher(src, PollingSource(src, session), pipeline, clock=clock)
+            watcher = Watcher(src, TaskAPI(src, session), publisher, clock=clock)
             yield Rig(sim, watcher, events, clock)
         finally:
             await store.close()
@@ -264,7 +265,7 @@ async def test_a_probe_that_cannot_authenticate_fails_the_poll(tmp_path: Path) -
 async def test_explicit_modes_report_missing_endpoints(tmp_path: Path) -> None:
     async with Simulator("new-api", api_key="k") as sim, aiohttp.ClientSession() as session:
         config = make_config(sim.url, "new-api", mode="active").sources[0]
-        reader, why = await choose_reader(config, PollingSource(config, session))
+        reader, why = await choose_reader(config, TaskAPI(config, session))
         assert "/mj/task/list" in reader.how  # falls back; the list then fails as not a task API
         assert "neither" in why
 

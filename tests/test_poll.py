@@ -1,4 +1,4 @@
-"""PollingSource against a real local upstream: auth modes, capped lists with lookups by id, every
+"""TaskAPI against a real local upstream: auth modes, capped lists with lookups by id, every
 fault mapped to its reason, secrets kept out of messages; then source health decisions."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bridge.errors import SourceError
 from bridge.models import Event
 from bridge.simulator import Simulator
 from bridge.sources.health import SourceHealth
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 
 KEY = "sk-secret-4242"
 TERMINAL_TYPES = {"task.succeeded", "task.failed", "task.cancelled", "task.vanished"}
@@ -110,9 +110,9 @@ async def upstream() -> AsyncIterator[Upstream]:
 QUICK_TIMEOUT = "300ms"
 
 
-def source(url: str, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
+def source(url: str, session: aiohttp.ClientSession, **config: Any) -> TaskAPI:
     settings: dict[str, Any] = {"name": "mj", "base_url": url, "api_key": KEY, "timeout": "10s"}
-    return PollingSource(SourceConfig(**(settings | config)), session)
+    return TaskAPI(SourceConfig(**(settings | config)), session)
 
 
 # --- the happy path -------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ SIM_FAULTS = {
 class Watch:
     """The poll -> diff loop the bridge runs, reduced to what these tests look at."""
 
-    def __init__(self, src: PollingSource, *, by_ids: bool = False) -> None:
+    def __init__(self, src: TaskAPI, *, by_ids: bool = False) -> None:
         self.src = src
         self.by_ids = by_ids  # new-api: no list, only lookups of known ids
         self.states: dict[str, TaskState] = {}
@@ -493,7 +493,7 @@ async def sim(request: pytest.FixtureRequest) -> AsyncIterator[Simulator]:
         yield simulator
 
 
-def sim_source(sim: Simulator, session: aiohttp.ClientSession, **config: Any) -> PollingSource:
+def sim_source(sim: Simulator, session: aiohttp.ClientSession, **config: Any) -> TaskAPI:
     return source(sim.url, session, auth=AUTH_OF[sim.flavor], **config)
 
 

@@ -14,7 +14,7 @@ of poll.py into one Snapshot per poll. Pipeline: **source** -> snapshot -> diff 
 - ids: only the tasks the bridge knows (pass-through submits, /track, push callbacks), through
   list-by-condition or, where that is missing, fetch.
 
-Every read is one `PollingSource.look()`: a read that met rows without a usable id concludes no
+Every read is one `TaskAPI.tally()`: a read that met rows without a usable id concludes no
 task missing (an unusable row may be one of them), and its junk is logged once.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 from bridge.diff import Snapshot
 from bridge.models import UNFINISHED
-from bridge.sources.poll import PollingSource
+from bridge.sources.poll import TaskAPI
 
 __all__ = ["ActiveReader", "IdsReader", "ListReader", "Reader"]
 
@@ -54,7 +54,7 @@ class Reader(Protocol):
 
 @dataclass(slots=True)
 class ListReader:
-    source: PollingSource
+    source: TaskAPI
     how: str = "GET /mj/task/list each poll"
     mode: str = "list"
     note: str = ""
@@ -65,7 +65,7 @@ class ListReader:
 
 @dataclass(slots=True)
 class ActiveReader:
-    source: PollingSource
+    source: TaskAPI
     discover: Literal["query", "queue", "list"]
     full_every: float
     how: str = ""
@@ -103,7 +103,7 @@ class ActiveReader:
             snapshot = await self.source.poll(tracked)
             self.last_full = now
             return snapshot
-        with self.source.look() as look:
+        with self.source.tally() as tally:
             if self.discover == "query":
                 tasks = await self._query(known)
             else:
@@ -114,7 +114,7 @@ class ActiveReader:
             if absent:
                 found, missing = await self.source.lookup(absent)
                 tasks = tasks + found
-            return Snapshot(tasks, frozenset() if look.junk else missing, complete=False)
+            return Snapshot(tasks, frozenset() if tally.junk else missing, complete=False)
 
     async def _query(self, known: Container[str]) -> list[dict[str, Any]]:
         """Every unfinished task (pages while they are full), then the newest pages until one
@@ -136,14 +136,14 @@ class ActiveReader:
 
 @dataclass(slots=True)
 class IdsReader:
-    source: PollingSource
+    source: TaskAPI
     via: Literal["condition", "fetch"] = "condition"
     how: str = "POST /mj/task/list-by-condition of the tracked unfinished tasks"
     mode: str = "ids"
     note: str = ""
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
-        with self.source.look():
+        with self.source.tally():
             if not tracked:
                 # Nothing to follow: one empty lookup keeps the source's health (and /readyz)
                 # honest.

@@ -10,7 +10,7 @@ decides when it has vanished. Nothing is concluded from a failed request: the po
 Rows without a usable id (`{"id": null}`, `{"foo": 1}`) or with a progress that is not a finite
 number are junk, not tasks (normalize.py). An answer of junk only is a bad payload
 (UnusableRows): the poll fails and counts towards source.down. An answer with some junk is used,
-but a poll that met any (its `Look`) concludes nothing missing, since the junk may be the very
+but a poll that met any (its `JunkTally`) concludes nothing missing, since the junk may be the very
 tasks it looked for; its junk is logged once, in one warning line and counted in metrics.
 """
 
@@ -40,7 +40,7 @@ from bridge.sources.normalize import (
     parse_tasks,
 )
 
-__all__ = ["BATCH", "Look", "PollingSource", "UnusableRows", "auth_headers"]
+__all__ = ["BATCH", "JunkTally", "TaskAPI", "UnusableRows", "auth_headers"]
 
 log = logging.getLogger("bridge.sources")
 
@@ -78,7 +78,7 @@ class UnusableRows(SourceError):
 
 
 @dataclass(slots=True)
-class Look:
+class JunkTally:
     """The rows without a usable id met by the requests of one poll: how many, why and where."""
 
     reasons: Counter[str] = field(default_factory=Counter)
@@ -99,10 +99,10 @@ class Look:
         )
 
 
-_LOOK: ContextVar[Look | None] = ContextVar("bridge_sources_look", default=None)
+_TALLY: ContextVar[JunkTally | None] = ContextVar("bridge_sources_tally", default=None)
 
 
-class PollingSource:
+class TaskAPI:
     """Reads one upstream. The session is shared and owned by the caller: never closed here."""
 
     def __init__(self, config: SourceConfig, session: aiohttp.ClientSession) -> None:
@@ -132,33 +132,33 @@ class PollingSource:
         return self._redact(text)
 
     @contextmanager
-    def look(self) -> Iterator[Look]:
+    def tally(self) -> Iterator[JunkTally]:
         """The span of one poll: the junk rows its requests meet gather here, and when it ends
         without an error they are logged in one warning line (a failed poll has its own line).
-        A look inside a look is the outer one."""
-        outer = _LOOK.get()
+        A tally inside a tally is the outer one."""
+        outer = _TALLY.get()
         if outer is not None:
             yield outer
             return
-        look = Look()
-        token = _LOOK.set(look)
+        tally = JunkTally()
+        token = _TALLY.set(tally)
         try:
-            yield look
+            yield tally
         finally:
-            _LOOK.reset(token)
-        self.dropped = look.junk
-        if look.junk:
+            _TALLY.reset(token)
+        self.dropped = tally.junk
+        if tally.junk:
             if self.on_junk is not None:
-                self.on_junk(look.reasons)
+                self.on_junk(tally.reasons)
             log.warning(
                 "%s: %s; no task is concluded missing from this poll",
                 self.name,
-                self._redact(look.describe()),
+                self._redact(tally.describe()),
             )
 
     async def poll(self, tracked_unfinished: Collection[str] = ()) -> Snapshot:
         """The whole list plus lookups of the tracked unfinished tasks it did not contain."""
-        with self.look() as look:
+        with self.tally() as tally:
             tasks = (await self._request("GET", _LIST)).tasks
             self.list_size = len(tasks)
             missing: frozenset[str] = frozenset()
@@ -169,7 +169,7 @@ class PollingSource:
                     found = await self._lookup(absent)
                     tasks = tasks + found
                     missing = frozenset(absent) - {task["id"] for task in found}
-            return Snapshot(tasks, frozenset() if look.junk else missing)
+            return Snapshot(tasks, frozenset() if tally.junk else missing)
 
     async def check_lookup(self) -> Normalized:
         """An empty list-by-condition: proves the endpoint answers when nothing is tracked."""
@@ -215,9 +215,9 @@ class PollingSource:
         """The tasks with these ids through list-by-condition, and the ids it did not find (none
         when the poll met junk rows: an unusable row may be one of them)."""
         wanted = list(dict.fromkeys(ids))
-        with self.look() as look:
+        with self.tally() as tally:
             found = await self._lookup(wanted)
-            if look.junk:
+            if tally.junk:
                 return found, frozenset()
             return found, frozenset(wanted) - {task["id"] for task in found}
 
@@ -284,7 +284,7 @@ class PollingSource:
         return self._usable(where, result)
 
     def _usable(self, where: str, result: Normalized) -> Normalized:
-        """A list of junk only is a bad payload, never an empty list; some junk joins the look."""
+        """A list of junk only is a bad payload, never an empty list; some junk joins the tally."""
         if result.dropped:
             if not result.tasks:
                 reasons = Counter(d.reason for d in result.dropped)
@@ -292,9 +292,9 @@ class PollingSource:
                     f"{where}: none of the {len(result.dropped)} rows is a usable task "
                     f"({_why(reasons)})"
                 )
-            look = _LOOK.get()
-            if look is not None:
-                look.add(where, result.dropped)
+            tally = _TALLY.get()
+            if tally is not None:
+                tally.add(where, result.dropped)
         return result
 
     async def _send(

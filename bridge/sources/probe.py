@@ -19,7 +19,7 @@ from bridge.config import SourceConfig
 from bridge.errors import SourceError
 from bridge.models import UNFINISHED
 from bridge.sources.modes import SMALL_LIST, ActiveReader, IdsReader, ListReader, Reader
-from bridge.sources.poll import PollingSource, UnusableRows
+from bridge.sources.poll import TaskAPI, UnusableRows
 
 __all__ = ["choose_reader"]
 
@@ -31,8 +31,8 @@ _ABSENT = frozenset({"not_a_task_api", "bad_payload"})
 _OPTIONAL_ABSENT = _ABSENT | {"server_error"}
 
 
-async def _serves(source: PollingSource, call: Awaitable[object], absent: frozenset[str]) -> bool:
-    with source.look() as look:
+async def _serves(source: TaskAPI, call: Awaitable[object], absent: frozenset[str]) -> bool:
+    with source.tally() as tally:
         try:
             await call
         except UnusableRows:
@@ -41,15 +41,15 @@ async def _serves(source: PollingSource, call: Awaitable[object], absent: frozen
             if exc.reason in absent:
                 return False
             raise
-        if look.junk:
+        if tally.junk:
             raise UnusableRows(
-                f"{look.describe()}: not taken as a working endpoint; probing again at the next "
+                f"{tally.describe()}: not taken as a working endpoint; probing again at the next "
                 "poll"
             )
     return True
 
 
-async def _discovery(source: PollingSource) -> Discover | None:
+async def _discovery(source: TaskAPI) -> Discover | None:
     if await _serves(source, source.query(UNFINISHED, 0, 1), _OPTIONAL_ABSENT):
         return "query"
     if await _serves(source, source.queue(), _OPTIONAL_ABSENT):
@@ -57,7 +57,7 @@ async def _discovery(source: PollingSource) -> Discover | None:
     return None
 
 
-async def _ids(source: PollingSource) -> IdsReader | None:
+async def _ids(source: TaskAPI) -> IdsReader | None:
     if await _serves(source, source.check_lookup(), _ABSENT):
         return IdsReader(source)
     if await _serves(source, source.fetch("0"), _ABSENT):
@@ -81,7 +81,7 @@ def push_hint(config: SourceConfig) -> str:
 
 
 def _active(
-    config: SourceConfig, source: PollingSource, discover: Discover, *, auto: bool = False
+    config: SourceConfig, source: TaskAPI, discover: Discover, *, auto: bool = False
 ) -> Reader:
     how = f"{_HOW[discover]}; the full list at start and every {config.full_every:g}s"
     small = SMALL_LIST if auto and discover == "queue" else None
@@ -99,7 +99,7 @@ _HOW = {
 }
 
 
-async def choose_reader(config: SourceConfig, source: PollingSource) -> tuple[Reader, str]:
+async def choose_reader(config: SourceConfig, source: TaskAPI) -> tuple[Reader, str]:
     """The reader for the source's `mode:` and why it was chosen (one line for the log).
     Raises SourceError when the upstream serves none of what the mode needs."""
     match config.mode:

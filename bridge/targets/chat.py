@@ -41,7 +41,7 @@ Rank = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
-class Look:
+class Badge:
     """How a state reads: its label, emoji and colour (0xRRGGBB)."""
 
     label: str
@@ -49,20 +49,20 @@ class Look:
     colour: int
 
 
-LOOKS: dict[str, Look] = {
-    EventType.SUBMITTED: Look("Queued", "📝", 0x99AAB5),
-    EventType.MODAL: Look("Waiting for input", "✋", 0xFEE75C),
-    EventType.STARTED: Look("Running", "▶️", 0x5865F2),
-    EventType.PROGRESS: Look("Running", "⏳", 0x5865F2),
-    EventType.SUCCEEDED: Look("Succeeded", "✅", 0x57F287),
-    EventType.FAILED: Look("Failed", "❌", 0xED4245),
-    EventType.CANCELLED: Look("Cancelled", "🚫", 0x747F8D),
-    EventType.STALLED: Look("Stalled", "🐢", 0xE67E22),
-    EventType.VANISHED: Look("Vanished", "👻", 0x4F545C),
-    EventType.SOURCE_DOWN: Look("Source down", "🔴", 0xED4245),
-    EventType.SOURCE_UP: Look("Source up", "🟢", 0x57F287),
+BADGES: dict[str, Badge] = {
+    EventType.SUBMITTED: Badge("Queued", "📝", 0x99AAB5),
+    EventType.MODAL: Badge("Waiting for input", "✋", 0xFEE75C),
+    EventType.STARTED: Badge("Running", "▶️", 0x5865F2),
+    EventType.PROGRESS: Badge("Running", "⏳", 0x5865F2),
+    EventType.SUCCEEDED: Badge("Succeeded", "✅", 0x57F287),
+    EventType.FAILED: Badge("Failed", "❌", 0xED4245),
+    EventType.CANCELLED: Badge("Cancelled", "🚫", 0x747F8D),
+    EventType.STALLED: Badge("Stalled", "🐢", 0xE67E22),
+    EventType.VANISHED: Badge("Vanished", "👻", 0x4F545C),
+    EventType.SOURCE_DOWN: Badge("Source down", "🔴", 0xED4245),
+    EventType.SOURCE_UP: Badge("Source up", "🟢", 0x57F287),
 }
-NOTE_LOOK = Look("Update", "🔔", 0x5865F2)
+NOTE_BADGE = Badge("Update", "🔔", 0x5865F2)
 
 
 def progress_bar(percent: int, cells: int = 10) -> str:
@@ -117,7 +117,7 @@ class TaskView:
 
     title: str
     note: str  # the rule's own body; empty when the rule uses the default text
-    look: Look
+    badge: Badge
     prompt: str
     action: str
     progress: int  # 0..100, -1 when unknown
@@ -131,13 +131,13 @@ class TaskView:
 
     @property
     def status_line(self) -> str:
-        return f"{self.look.emoji} {self.look.label}"
+        return f"{self.badge.emoji} {self.badge.label}"
 
     @property
     def bar(self) -> str:
         """The progress bar: full once succeeded, none once otherwise finished."""
         if self.final:
-            return progress_bar(100) if self.look is LOOKS[EventType.SUCCEEDED] else ""
+            return progress_bar(100) if self.badge is BADGES[EventType.SUCCEEDED] else ""
         return progress_bar(self.progress)
 
 
@@ -156,7 +156,7 @@ def view_of(item: OutboxItem) -> TaskView:
     return TaskView(
         title=item.title or templates.oneline(prompt) or f"task {event.subject}",
         note="" if item.body == default_body else item.body,
-        look=LOOKS.get(event.type, NOTE_LOOK),
+        badge=BADGES.get(event.type, NOTE_BADGE),
         prompt=str(prompt).strip(),
         action=str(task.get("action") or ""),
         progress=progress_value(task.get("progress")),
@@ -213,7 +213,7 @@ class ChatTarget:
     async def send(self, item: OutboxItem) -> None:
         task = item.event.task
         if task is None or not item.event.subject:
-            await self._note(item.title, item.body, LOOKS.get(item.event.type, NOTE_LOOK))
+            await self._note(item.title, item.body, BADGES.get(item.event.type, NOTE_BADGE))
             return
         key = f"{item.event.source}:{item.event.subject}"
         async with self._locked(key):
@@ -222,7 +222,7 @@ class ChatTarget:
     async def send_digest(self, items: Sequence[OutboxItem]) -> None:
         """A digest is one new message listing its deliveries; task messages are not touched."""
         title, body = digest_text(items)
-        await self._note(title, body, NOTE_LOOK)
+        await self._note(title, body, NOTE_BADGE)
 
     # -- one task's message -----------------------------------------------------------------
 
@@ -323,5 +323,5 @@ class ChatTarget:
     async def _edit(self, message_id: str, view: TaskView, image: Image | None) -> str:
         raise NotImplementedError
 
-    async def _note(self, title: str, body: str, look: Look) -> None:
+    async def _note(self, title: str, body: str, badge: Badge) -> None:
         raise NotImplementedError

@@ -17,7 +17,7 @@ import orjson
 from bridge.config import DiscordTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import iso
-from bridge.targets.chat import ChatTarget, Look, MessageGone, TaskView, clip
+from bridge.targets.chat import Badge, ChatTarget, MessageGone, TaskView, clip
 from bridge.targets.http import classify, request, retry_after
 from bridge.targets.images import Image
 
@@ -53,7 +53,7 @@ def embed(view: TaskView, image: Image | None = None) -> dict[str, Any]:
         fields.append({"name": "Reason", "value": escape(clip(view.fail_reason, 1000))})
     out: dict[str, Any] = {
         "title": clip(view.title, 256),
-        "color": view.look.colour,
+        "color": view.badge.colour,
         "fields": fields,
         "footer": {"text": clip(f"{view.source} · task {view.task_id}", 200)},
         "timestamp": iso(view.time),
@@ -67,9 +67,9 @@ def embed(view: TaskView, image: Image | None = None) -> dict[str, Any]:
     return out
 
 
-def note_embed(title: str, body: str, look: Look) -> dict[str, Any]:
+def note_embed(title: str, body: str, badge: Badge) -> dict[str, Any]:
     """A one-off message: source events, digests, send-test."""
-    out: dict[str, Any] = {"title": clip(title, 256), "color": look.colour}
+    out: dict[str, Any] = {"title": clip(title, 256), "color": badge.colour}
     if body:
         out["description"] = clip(body, 4000)
     return out
@@ -114,8 +114,8 @@ class DiscordTarget(ChatTarget):
         await self._call("PATCH", url, {"embeds": [embed(view, image)]}, image, edit=True)
         return message_id
 
-    async def _note(self, title: str, body: str, look: Look) -> None:
-        await self._call("POST", self._hook, {"embeds": [note_embed(title, body, look)]}, None)
+    async def _note(self, title: str, body: str, badge: Badge) -> None:
+        await self._call("POST", self._hook, {"embeds": [note_embed(title, body, badge)]}, None)
 
     async def _call(
         self,

@@ -14,7 +14,7 @@ import orjson
 
 from bridge.config import SlackTargetConfig
 from bridge.errors import DeliveryError
-from bridge.targets.chat import ChatTarget, Look, MessageGone, TaskView, clip
+from bridge.targets.chat import Badge, ChatTarget, MessageGone, TaskView, clip
 from bridge.targets.http import classify, read_answer, request, retry_after
 from bridge.targets.images import Image
 
@@ -79,9 +79,9 @@ def fallback_text(view: TaskView) -> str:
     return escape(clip(" · ".join(p for p in parts if p), 3000))
 
 
-def note_text(title: str, look: Look) -> str:
+def note_text(title: str, badge: Badge) -> str:
     """The `text` of a one-off message, escaped as fallback_text is."""
-    return escape(clip(f"{look.emoji} {title}", 3000))
+    return escape(clip(f"{badge.emoji} {title}", 3000))
 
 
 def note_blocks(title: str, body: str) -> list[dict[str, Any]]:
@@ -142,12 +142,12 @@ class SlackTarget(ChatTarget):
         await self._api("chat.update", payload, gone=_GONE)
         return message_id
 
-    async def _note(self, title: str, body: str, look: Look) -> None:
+    async def _note(self, title: str, body: str, badge: Badge) -> None:
         await self._api(
             "chat.postMessage",
             {
                 "channel": self._channel,
-                "text": note_text(title, look),
+                "text": note_text(title, badge),
                 "blocks": note_blocks(title, body),
                 "unfurl_links": False,
                 "unfurl_media": False,
