@@ -1,5 +1,6 @@
 """The `bridge` command: argument parsing and exit codes only (0 ok, 1 runtime failure,
-2 bad usage or invalid config). Each command's work lives in the module named after it."""
+2 bad usage or invalid config). Each command's work lives in the module named after it (the
+commands that act on a bridge from outside it: bridge/commands/)."""
 
 from __future__ import annotations
 
@@ -211,7 +212,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     dlq = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     listing = dlq.add_parser("list", help="a table of dead letters, newest first")
-    listing.set_defaults(ids=[], all=False)
     db_arg(listing)
     listing.add_argument("--target", metavar="T", help="only the dead letters of this target")
     listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
@@ -327,7 +327,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise UsageError("explain needs an event file (or -) or --event ID, one of them")
             config = load_config(args.config)
             if args.event_id is not None:
-                from bridge.history_cli import stored_event
+                from bridge.commands.events import stored_event
 
                 body = asyncio.run(stored_event(args.db, args.event_id))
                 if body is None:
@@ -337,14 +337,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(explain(config, body))
             return EXIT_OK
         case "events":
-            from bridge import history_cli
+            from bridge.commands import events
 
             if args.events_command == "show":
-                return asyncio.run(history_cli.show_command(args.db, args.id))
+                return asyncio.run(events.show_command(args.db, args.id))
             if args.lines < 0:
                 raise UsageError("--lines must be 0 or more")
             return asyncio.run(
-                history_cli.tail_command(
+                events.tail_command(
                     args.db,
                     types=args.type,
                     source=args.source,
@@ -355,12 +355,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                 )
             )
         case "send-test":
-            from bridge.dlq import send_test_command
+            from bridge.commands.send_test import send_test_command
 
             config = load_config(args.config, sections=("targets",), only={"targets": args.target})
             return asyncio.run(send_test_command(config, args.target))
         case "track":
-            from bridge.commands import track_command
+            from bridge.commands.track import track_command
 
             # Only what track needs: another target's unset ${SECRET} does not stop it.
             config = load_config(
@@ -368,15 +368,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
             return asyncio.run(track_command(config, args.db, args.source, args.ids))
         case "hash-password":
-            from bridge.commands import hash_password_command
+            from bridge.commands.track import hash_password_command
 
             return hash_password_command()
-        case "dlq" if args.dlq_command == "list":
-            from bridge.history_cli import dlq_list_command
-
-            return asyncio.run(dlq_list_command(args.db, args.target, args.json))
         case "dlq":
-            from bridge.dlq import dlq_command
+            from bridge.commands import dlq
 
-            return asyncio.run(dlq_command(args.db, args.dlq_command, args.ids, args.all))
+            if args.dlq_command == "list":
+                return asyncio.run(dlq.list_command(args.db, args.target, args.json))
+            return asyncio.run(dlq.replay_command(args.db, args.ids, args.all))
     return EXIT_USAGE

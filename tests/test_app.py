@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.app import Bridge
-from bridge.commands import track_command
+from bridge.commands.track import track_command
 from bridge.config import Config, ServerConfig, WebhookTargetConfig
 from bridge.simulator import Simulator
 from tests import pg

@@ -14,11 +14,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bridge.commands.dlq import format_dead_letters, list_command, replay_command
+from bridge.commands.send_test import send_test, send_test_command
 from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer, TokenBucket, backoff, units
-from bridge.dlq import dlq_command, send_test, send_test_command
 from bridge.errors import DeliveryError, Redactor
-from bridge.history_cli import format_dead_letters
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target
 from tests.receiver import Receiver, Reply, make_delivery, make_event
@@ -313,7 +313,7 @@ def test_units_group_digests_and_keep_order() -> None:
     assert [[i.id for i in u] for u in got] == [["1"], ["2", "4"], ["3"], ["5"]]
 
 
-# -- dead letters table and send-test (bridge/dlq.py) ----------------------------------------------
+# -- dead letters table and send-test (bridge/commands/) -------------------------------------------
 
 
 async def test_dead_letter_table_lists_and_redacts(
@@ -364,26 +364,28 @@ async def test_dlq_command_lists_and_replays(
     tmp_path: Path, session: aiohttp.ClientSession, rx: Receiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = str(tmp_path / "b.db")
-    assert await dlq_command(db, "list", [], False) == 2  # no database there: say so
+    assert await list_command(db, None, as_json=False) == 2  # no database there: say so
+    assert await replay_command(db, [], True) == 2  # nor is one made
+    assert not (tmp_path / "b.db").exists()
     async with await Store.open(db) as store:
         await commit(store, 1, 2)
         for item in await store.claim("hook", time.time(), 10):
             await store.mark_dead(item.id, "hook: HTTP 410")
     capsys.readouterr()
 
-    assert await dlq_command(db, "list", [], False) == 0
+    assert await list_command(db, None, as_json=False) == 0
     listing = capsys.readouterr().out
     assert "HTTP 410" in listing
     assert "2 dead letters" in listing
     first = listing.splitlines()[1].split()[0]
 
-    assert await dlq_command(db, "replay", [], False) == 2
-    assert await dlq_command(db, "replay", [first], True) == 2
-    assert await dlq_command(db, "replay", [first, "nope"], False) == 1
+    assert await replay_command(db, [], False) == 2
+    assert await replay_command(db, [first], True) == 2
+    assert await replay_command(db, [first, "nope"], False) == 1
     assert "not dead letters: nope" in capsys.readouterr().err
-    assert await dlq_command(db, "replay", [], True) == 0
+    assert await replay_command(db, [], True) == 0
     assert "replayed 1 dead letter" in capsys.readouterr().out
-    assert await dlq_command(db, "list", [], False) == 0
+    assert await list_command(db, None, as_json=False) == 0
     assert "no dead letters" in capsys.readouterr().out
 
 

@@ -456,7 +456,7 @@ async def test_thread_id_is_passed_on(api: ChatAPI, session: aiohttp.ClientSessi
 
 
 async def test_send_test_posts_one_message(api: ChatAPI, session: aiohttp.ClientSession) -> None:
-    from bridge.dlq import send_test
+    from bridge.commands.send_test import send_test
 
     outcome = await send_test("art", config(api), session)
     assert outcome.startswith("art: accepted the test notification")

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from bridge.app import Bridge
-from bridge.commands import track_command
+from bridge.commands.track import track_command
 from bridge.config import Config
 from bridge.models import Event
 from bridge.server.passthrough import SOURCE_HEADER

@@ -1,27 +1,21 @@
-"""Dead letters and test sends for the CLI: `bridge dlq replay` (`dlq_command`; listing is
-history_cli's `dlq_list_command`) and `bridge send-test TARGET` (`send_test_command`). The argument
-parsing lives in cli.py.
+"""`bridge send-test TARGET`: one `bridge.test` event sent to one target through the same target
+code the deliverer uses, the outcome in words. The argument parsing lives in cli.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aiohttp
 
+from bridge.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bridge.config import Config, TargetConfig
 from bridge.errors import DeliveryError, Redactor, redact
-from bridge.history_cli import dlq_list_command
 from bridge.models import Event, event_id
-from bridge.store import OutboxItem, Store, is_postgres
+from bridge.store import OutboxItem
 from bridge.targets import build_target, close_targets
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def sample_item(target: str, now: float | None = None) -> OutboxItem:
@@ -87,31 +81,3 @@ async def send_test_command(config: Config, target: str) -> int:
             print(f"{redactor(str(exc))}\n({verdict})", file=sys.stderr)
             return EXIT_FAILURE
     return EXIT_OK
-
-
-async def dlq_command(db: str, action: str, ids: Sequence[str], replay_all: bool) -> int:
-    """`bridge dlq list` and `bridge dlq replay ID... | --all`."""
-    if not is_postgres(db) and not await asyncio.to_thread(Path(db).exists):
-        print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
-        return EXIT_USAGE
-    if action == "replay" and not ids and not replay_all:
-        print("bridge: dlq replay needs dead letter IDs (see bridge dlq list), or --all to "
-              "replay every one", file=sys.stderr)  # fmt: skip
-        return EXIT_USAGE
-    if action == "replay" and ids and replay_all:
-        print("bridge: dlq replay takes dead letter IDs or --all, not both", file=sys.stderr)
-        return EXIT_USAGE
-    if action == "list":  # only looks: read-only (history_cli)
-        return await dlq_list_command(db, None, as_json=False)
-    async with await Store.open(db) as store:
-        if replay_all:
-            count = await store.replay(None)
-            print(f"replayed {count} dead letter{'s' if count != 1 else ''}")
-            return EXIT_OK
-        missing = [i for i in ids if not await store.replay([i])]
-        replayed = len(ids) - len(missing)
-        print(f"replayed {replayed} dead letter{'s' if replayed != 1 else ''}")
-        if missing:
-            print(f"bridge: not dead letters: {', '.join(missing)}", file=sys.stderr)
-            return EXIT_FAILURE
-        return EXIT_OK

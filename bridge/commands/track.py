@@ -1,6 +1,6 @@
-"""Commands that act on a bridge from outside it: `bridge track SOURCE ID...` hands task ids to the
-running bridge (POST /track) or, when none answers, writes them to the store for its next poll;
-`bridge hash-password` makes a password hash for `server.auth.users`.
+"""`bridge track SOURCE ID...` hands task ids to the running bridge (POST /track) or, when none
+answers, writes them to the store for its next poll; `bridge hash-password` makes a password hash
+for `server.auth.users`. The argument parsing lives in cli.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import aiohttp
 
 from bridge.config import Config, SourceConfig, hash_password
-from bridge.diff import TaskState
+from bridge.models import TaskState
 from bridge.store import Store
 
 __all__ = ["hash_password_command", "track_command"]

@@ -1,5 +1,5 @@
-"""`bridge events tail|show`, `bridge explain --event` and `bridge dlq list`: reading what happened
-out of the store, beside a running bridge (SQLite or PostgreSQL). The parsing lives in cli.py."""
+"""`bridge events tail|show` and `bridge explain --event`: reading what happened out of the store,
+beside a running bridge (SQLite or PostgreSQL). The parsing lives in cli.py."""
 
 from __future__ import annotations
 
@@ -7,39 +7,21 @@ import asyncio
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from bridge.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, open_for_reading, where
 from bridge.errors import redact
-from bridge.store import OutboxRow, Store, is_postgres
+from bridge.logs import rfc3339
+from bridge.store import OutboxRow
 from bridge.store.history import EventQuery, StoredEvent
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FOLLOW_EVERY = 1.0  # seconds between looks for new events with -f
 # With -f, events committed late with an earlier time (another replica, a long transaction) are
 # still caught: each look goes this far back and skips what it already printed.
 FOLLOW_SLACK = 30.0
-DLQ_LIMIT = 1000
-
-
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def open_for_reading(db: str) -> Store | None:
-    """The store, read-only (nothing a running bridge holds is touched), or None (a message
-    printed) when `db` names no SQLite file."""
-    if not is_postgres(db) and not await asyncio.to_thread(Path(db).exists):
-        print(f"bridge: {db}: no such database (set --db or BRIDGE_DB)", file=sys.stderr)
-        return None
-    return await Store.open(db, readonly=True)
-
-
-# -- events ---------------------------------------------------------------------------------------
 
 
 def event_line(stored: StoredEvent) -> str:
@@ -120,7 +102,7 @@ async def show_command(db: str, event_id: str) -> int:
     async with store:
         stored = await store.history.event(event_id)
         if stored is None:
-            print(f"bridge: no event {event_id!r} in {_where(db)}", file=sys.stderr)
+            print(f"bridge: no event {event_id!r} in {where(db)}", file=sys.stderr)
             return EXIT_FAILURE
         rows = await store.history.deliveries([event_id])
     print(orjson.dumps(stored.event.cloudevent(), option=orjson.OPT_INDENT_2).decode())
@@ -138,83 +120,6 @@ async def stored_event(db: str, event_id: str) -> dict[str, Any] | None:
     async with store:
         stored = await store.history.event(event_id)
     if stored is None:
-        print(f"bridge: no event {event_id!r} in {_where(db)}", file=sys.stderr)
+        print(f"bridge: no event {event_id!r} in {where(db)}", file=sys.stderr)
         return None
     return stored.event.cloudevent()
-
-
-def _where(db: str) -> str:
-    return "the PostgreSQL database" if is_postgres(db) else db
-
-
-# -- dead letters ---------------------------------------------------------------------------------
-
-_COLUMNS = ("ID", "TARGET", "EVENT", "TASK", "CREATED", "DIED", "ATTEMPTS", "LAST ERROR")
-_ERROR_WIDTH = 80
-
-
-def _cell(text: str, width: int | None = None) -> str:
-    text = " ".join(text.split())  # one line per row, whatever the error said
-    if width is not None and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def dead_letter_json(row: OutboxRow, redactor: Callable[[str], str] = redact) -> dict[str, Any]:
-    item, event = row.item, row.item.event
-    return {
-        "id": item.id,
-        "target": item.target,
-        "rule": item.rule,
-        "event_id": event.id,
-        "event_type": event.type,
-        "source": event.source,
-        "task": event.subject,
-        "attempts": item.attempts,
-        "created_at": rfc3339(item.created_at),
-        "died_at": rfc3339(row.updated_at),
-        "last_error": redactor(item.last_error or ""),
-    }
-
-
-def format_dead_letters(rows: Sequence[OutboxRow], redactor: Callable[[str], str] = redact) -> str:
-    """A plain-text table: id, target, event type, task, when created and when it died
-    (UTC), attempts, last error (through `redactor`: pass the app's Redactor to hide configured
-    secrets too)."""
-    if not rows:
-        return "no dead letters"
-    cells = [
-        (
-            row.item.id,
-            row.item.target,
-            row.item.event.type,
-            row.item.event.subject,
-            rfc3339(row.item.created_at)[:19] + "Z",
-            rfc3339(row.updated_at)[:19] + "Z",
-            str(row.item.attempts),
-            _cell(redactor(row.item.last_error or ""), _ERROR_WIDTH),
-        )
-        for row in rows
-    ]
-    widths = [max(len(r[i]) for r in (_COLUMNS, *cells)) for i in range(len(_COLUMNS))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-
-    footer = f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}"
-    return "\n".join([line(_COLUMNS), *(line(r) for r in cells), footer])
-
-
-async def dlq_list_command(db: str, target: str | None, as_json: bool) -> int:
-    store = await open_for_reading(db)
-    if store is None:
-        return EXIT_USAGE
-    async with store:
-        rows = await store.history.dead(target, DLQ_LIMIT)
-    if as_json:
-        print(orjson.dumps([dead_letter_json(r) for r in rows]).decode())
-        return EXIT_OK
-    print(format_dead_letters(rows))
-    if len(rows) == DLQ_LIMIT:
-        print(f"(showing the latest {DLQ_LIMIT})")
-    return EXIT_OK
