@@ -76,10 +76,13 @@ class RedactingFilter(logging.Filter):
             message = strip_paths(message)
         record.msg = self.redactor(message)
         record.args = None
-        for name in FIELDS:
-            value = record.__dict__.get(name)
-            if isinstance(value, str):
-                record.__dict__[name] = self.redactor(value)
+        values = record.__dict__
+        texts = [v for n in FIELDS if isinstance(v := values.get(n), str)]
+        # One look at all the fields together; field by field only when something is hidden.
+        if texts and self.redactor(joined := "\n".join(texts)) != joined:
+            for name in FIELDS:
+                if isinstance(value := values.get(name), str):
+                    values[name] = self.redactor(value)
         return True
 
 
