@@ -15,7 +15,7 @@ import orjson
 from bridge.config import SlackTargetConfig
 from bridge.errors import DeliveryError
 from bridge.targets.chat import Badge, ChatTarget, MessageGone, TaskView, clip
-from bridge.targets.http import classify, read_answer, request, retry_after
+from bridge.targets.http import classify, request, retry_after
 from bridge.targets.images import Image
 
 if TYPE_CHECKING:
@@ -170,21 +170,23 @@ class SlackTarget(ChatTarget):
             if not isinstance(upload_url, str) or not isinstance(file_id, str):
                 raise DeliveryError("no upload_url/file_id in the answer", retryable=True)
             # The upload URL is pre-signed: the token is not sent there.
-            async with self._session.post(
+            answer = await request(
+                self._session,
+                "POST",
                 upload_url,
+                what="upload",
+                timeout=self._timeout,
+                redact=self._redact,
                 data=image.data,
                 headers={"content-type": image.content_type},
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                await read_answer(resp)
-                if resp.status != 200:
-                    raise DeliveryError(f"upload answered HTTP {resp.status}", retryable=True)
+            )
+            if answer.status != 200:
+                raise DeliveryError(f"upload answered HTTP {answer.status}", retryable=True)
             files = [{"id": file_id, "title": clip(view.title, 250)}]
             await self._api(
                 "files.completeUploadExternal", form={"files": orjson.dumps(files).decode()}
             )
-        except (DeliveryError, TimeoutError, aiohttp.ClientError) as exc:
+        except DeliveryError as exc:  # a timeout or refused connection is one too (request)
             log.warning(
                 "%s: image upload failed (%s); linking it instead",
                 self.name,
