@@ -93,18 +93,30 @@ def _delivery_line(row: OutboxRow) -> str:
     )
 
 
-async def show_command(db: str, event_id: str) -> int:
-    """The stored event as CloudEvents JSON on stdout (what `bridge explain -` reads); its
-    deliveries on stderr."""
+async def _read(
+    db: str, event_id: str, *, deliveries: bool
+) -> tuple[StoredEvent, list[OutboxRow]] | int:
+    """The stored event (and its deliveries when asked), or the exit code, the reason printed:
+    no database there (2), no such event (1)."""
     store = await open_for_reading(db)
     if store is None:
         return EXIT_USAGE
     async with store:
         stored = await store.history.event(event_id)
-        if stored is None:
-            print(f"bridge: no event {event_id!r} in {where(db)}", file=sys.stderr)
-            return EXIT_FAILURE
-        rows = await store.history.deliveries([event_id])
+        rows = await store.history.deliveries([event_id]) if stored and deliveries else []
+    if stored is None:
+        print(f"bridge: no event {event_id!r} in {where(db)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return stored, rows
+
+
+async def show_command(db: str, event_id: str) -> int:
+    """The stored event as CloudEvents JSON on stdout (what `bridge explain -` reads); its
+    deliveries on stderr."""
+    found = await _read(db, event_id, deliveries=True)
+    if isinstance(found, int):
+        return found
+    stored, rows = found
     print(orjson.dumps(stored.event.cloudevent(), option=orjson.OPT_INDENT_2).decode())
     print(f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}", file=sys.stderr)
     for row in rows:
@@ -114,12 +126,5 @@ async def show_command(db: str, event_id: str) -> int:
 
 async def stored_event(db: str, event_id: str) -> dict[str, Any] | None:
     """`bridge explain --event ID`: the event's CloudEvents JSON, None when there is none."""
-    store = await open_for_reading(db)
-    if store is None:
-        return None
-    async with store:
-        stored = await store.history.event(event_id)
-    if stored is None:
-        print(f"bridge: no event {event_id!r} in {where(db)}", file=sys.stderr)
-        return None
-    return stored.event.cloudevent()
+    found = await _read(db, event_id, deliveries=False)
+    return None if isinstance(found, int) else found[0].event.cloudevent()

@@ -7,7 +7,6 @@ broker's ack is the delivery's success. Attributes follow the CloudEvents AMQP b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from bridge import topics
 from bridge.config import AmqpTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
 
 
 @dataclass(slots=True)
@@ -29,10 +28,11 @@ class _Channel:
     exchange: aio_pika.abc.AbstractExchange
 
 
-class AmqpTarget:
+class AmqpTarget(BrokerTarget[_Channel]):
     def __init__(self, name: str, config: AmqpTargetConfig) -> None:
         self.name = name
         self._config = config
+        self.binary = config.mode == "binary"
         self._routing_key = topics.Namer(config.routing_key, "amqp")
         self.link: Link[_Channel] = Link(name, config, self._connect, self._disconnect)
 
@@ -67,10 +67,9 @@ class AmqpTarget:
     def message(self, item: OutboxItem) -> aio_pika.Message:
         attrs = attributes(item)
         headers: dict[str, Any] = {f"cloudEvents:{k}": v for k, v in attrs.items()}
-        binary = self._config.mode == "binary"
         return aio_pika.Message(
-            data_bytes(item) if binary else item.payload,
-            content_type=JSON if binary else STRUCTURED,
+            self.body(item),
+            content_type=JSON if self.binary else STRUCTURED,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=item.event_id,
             type=attrs.get("type"),
@@ -80,10 +79,7 @@ class AmqpTarget:
         )
 
     async def send(self, item: OutboxItem) -> None:
-        try:
-            key = self._routing_key(item.event)
-        except ValueError as exc:
-            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
+        key = self.destination(self._routing_key, item)
         message = self.message(item)
         link = await self.link.get()
         try:
@@ -124,11 +120,3 @@ class AmqpTarget:
             # error, such as an exchange deleted under us): a new one is opened for the next send.
             await self.link.drop(link)
             raise self.link.error("publish failed", exc, retryable=True) from exc
-
-    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
-        """A broker keeps one message per event: a digest group is published event by event."""
-        for item in items:
-            await self.send(item)
-
-    async def aclose(self) -> None:
-        await self.link.aclose()

@@ -1,6 +1,7 @@
 """What the broker targets (NATS JetStream, AMQP, Redis Streams, MQTT) share: one connection per
-target, opened on first use and re-opened with backoff after it breaks (`Link`), and the
-CloudEvents attributes that travel beside the body in binary mode.
+target, opened on first use and re-opened with backoff after it breaks (`Link`), the CloudEvents
+attributes that travel beside the body in binary mode, and what a target does alike
+(`BrokerTarget`: the destination's name, the body, digests event by event, closing).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,7 +19,7 @@ import orjson
 
 from bridge.config import BrokerTargetCommon
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import OutboxItem, iso
+from bridge.models import Event, OutboxItem, iso
 
 log = logging.getLogger("bridge.targets")
 
@@ -148,3 +149,33 @@ class Link(Generic[C]):
         with contextlib.suppress(Exception):
             async with asyncio.timeout(min(self._timeout, 5.0)):
                 await self._close(conn)
+
+
+class BrokerTarget(Generic[C]):
+    """The part of a broker target that is the same for every broker: each event is one message
+    on `link`, so a digest group is published event by event; `send` is the broker's own."""
+
+    name: str
+    link: Link[C]
+    binary: bool  # CloudEvents binary mode: the body is the event's data alone
+
+    def destination(self, namer: Callable[[Event], str], item: OutboxItem) -> str:
+        """The subject, routing key, stream or topic of `item`; a template that cannot name one
+        makes a DeliveryError that no retry would fix."""
+        try:
+            return namer(item.event)
+        except ValueError as exc:
+            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
+
+    def body(self, item: OutboxItem) -> bytes:
+        return data_bytes(item) if self.binary else item.payload
+
+    async def send(self, item: OutboxItem) -> None:
+        raise NotImplementedError
+
+    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
+        for item in items:
+            await self.send(item)
+
+    async def aclose(self) -> None:
+        await self.link.aclose()

@@ -5,8 +5,6 @@ is the delivery's success. A stream must capture the subject (docs/brokers.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -15,13 +13,14 @@ from bridge import topics
 from bridge.config import NatsTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
 
 
-class NatsTarget:
+class NatsTarget(BrokerTarget[Client]):
     def __init__(self, name: str, config: NatsTargetConfig) -> None:
         self.name = name
         self._config = config
+        self.binary = config.mode == "binary"
         self._subject = topics.Namer(config.subject, "nats")
         self.link: Link[Client] = Link(name, config, self._connect, self._disconnect)
 
@@ -50,7 +49,7 @@ class NatsTarget:
 
     def headers(self, item: OutboxItem) -> dict[str, str]:
         headers = {"Nats-Msg-Id": item.event_id}
-        if self._config.mode == "binary":
+        if self.binary:
             headers["content-type"] = JSON
             headers.update({f"ce-{k}": v for k, v in attributes(item).items()})
             headers["ce-datacontenttype"] = JSON
@@ -59,11 +58,8 @@ class NatsTarget:
         return headers
 
     async def send(self, item: OutboxItem) -> None:
-        try:
-            subject = self._subject(item.event)
-        except ValueError as exc:
-            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
-        body = data_bytes(item) if self._config.mode == "binary" else item.payload
+        subject = self.destination(self._subject, item)
+        body = self.body(item)
         nc = await self.link.get()
         js = nc.jetstream(timeout=self._config.timeout)
         try:
@@ -93,11 +89,3 @@ class NatsTarget:
         except (nats.errors.Error, OSError) as exc:
             await self.link.drop(nc)
             raise self.link.error("publish failed", exc, retryable=True) from exc
-
-    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
-        """A broker keeps one message per event: a digest group is published event by event."""
-        for item in items:
-            await self.send(item)
-
-    async def aclose(self) -> None:
-        await self.link.aclose()

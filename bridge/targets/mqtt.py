@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import uuid
-from collections.abc import Sequence
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -20,13 +19,14 @@ from bridge import topics
 from bridge.config import MqttTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
 
 
-class MqttTarget:
+class MqttTarget(BrokerTarget[aiomqtt.Client]):
     def __init__(self, name: str, config: MqttTargetConfig) -> None:
         self.name = name
         self._config = config
+        self.binary = config.mode == "binary"
         self._topic = topics.Namer(config.topic_template, "mqtt")
         self.link: Link[aiomqtt.Client] = Link(name, config, self._connect, self._disconnect)
 
@@ -59,22 +59,18 @@ class MqttTarget:
 
     def properties(self, item: OutboxItem) -> Properties:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        binary = self._config.mode == "binary"
-        props.ContentType = JSON if binary else STRUCTURED
+        props.ContentType = JSON if self.binary else STRUCTURED
         # Binary mode: every attribute as a user property under its own name; structured mode may
         # carry them too (the binding allows it), which lets a consumer skip parsing to filter.
         user = list(attributes(item).items())
-        if binary:
+        if self.binary:
             user.append(("datacontenttype", JSON))
         props.UserProperty = user
         return props
 
     async def send(self, item: OutboxItem) -> None:
-        try:
-            topic = self._topic(item.event)
-        except ValueError as exc:
-            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
-        body = data_bytes(item) if self._config.mode == "binary" else item.payload
+        topic = self.destination(self._topic, item)
+        body = self.body(item)
         client = await self.link.get()
         try:
             await client.publish(
@@ -95,11 +91,3 @@ class MqttTarget:
             raise DeliveryError(
                 f"{self.name}: no PUBACK within {self._config.timeout:g}s", retryable=True
             ) from exc
-
-    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
-        """A broker keeps one message per event: a digest group is published event by event."""
-        for item in items:
-            await self.send(item)
-
-    async def aclose(self) -> None:
-        await self.link.aclose()

@@ -6,8 +6,6 @@ after `dedup`) and adds the entry only when that key was new, atomically (docs/b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import redis.asyncio
 import redis.exceptions
 from redis.backoff import NoBackoff
@@ -18,7 +16,7 @@ from bridge import topics
 from bridge.config import RedisTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, Link, attributes, data_bytes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes, data_bytes
 
 # KEYS: stream, seen-key. ARGV: dedup seconds (0: off), maxlen (0: unbounded), then field/value
 # pairs. Returns the new entry's id, or false when the event was added within the dedup window.
@@ -42,10 +40,11 @@ return redis.call('XADD', unpack(args))
 """
 
 
-class RedisTarget:
+class RedisTarget(BrokerTarget[tuple[redis.asyncio.Redis, AsyncScript]]):
     def __init__(self, name: str, config: RedisTargetConfig) -> None:
         self.name = name
         self._config = config
+        self.binary = config.mode == "binary"
         self._stream = topics.Namer(config.stream, "redis")
         self._ttl = max(1, round(config.dedup)) if config.dedup > 0 else 0
         self.link: Link[tuple[redis.asyncio.Redis, AsyncScript]] = Link(
@@ -77,7 +76,7 @@ class RedisTarget:
         """The entry: `id`, `type`, `subject`, then `event` (the CloudEvents JSON; binary mode:
         `data` and each attribute as a field of its own)."""
         attrs = attributes(item)
-        if self._config.mode == "binary":
+        if self.binary:
             pairs: list[str | bytes] = [x for k, v in attrs.items() for x in (k, v)]
             return [*pairs, "datacontenttype", JSON, "data", data_bytes(item)]
         return [
@@ -94,10 +93,7 @@ class RedisTarget:
         ]
 
     async def send(self, item: OutboxItem) -> None:
-        try:
-            stream = self._stream(item.event)
-        except ValueError as exc:
-            raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
+        stream = self.destination(self._stream, item)
         link = await self.link.get()
         _, add = link
         args = [self._ttl, self._config.maxlen, *self.fields(item)]
@@ -115,11 +111,3 @@ class RedisTarget:
         except (redis.exceptions.RedisError, OSError) as exc:
             await self.link.drop(link)
             raise self.link.error("XADD failed", exc, retryable=True) from exc
-
-    async def send_digest(self, items: Sequence[OutboxItem]) -> None:
-        """A broker keeps one message per event: a digest group is added event by event."""
-        for item in items:
-            await self.send(item)
-
-    async def aclose(self) -> None:
-        await self.link.aclose()
