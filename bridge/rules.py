@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge import templates
 from bridge.conditions import (
@@ -140,14 +140,13 @@ def compile_rule(
         elif not found:
             hint = suggest(pattern, EVENT_TYPES, EVENT_MEANINGS)
             issues.append(RuleIssue(("on", j), f"unknown event type '{pattern}'{hint}"))
-    only_source = bool(types) and all(t.startswith("source.") for t in types)
 
     if not rule.to and not rule.stop:
         issues.append(RuleIssue(("to",), "no targets (an empty list only makes sense with "
                                 "stop: true, to drop events)"))  # fmt: skip
-    for j, name in enumerate(rule.to if targets is not None else ()):
-        if name not in targets:  # type: ignore[operator]
-            hint = suggest(name, sorted(targets)) or (  # type: ignore[arg-type]
+    for j, name in enumerate(rule.to):
+        if targets is not None and name not in targets:
+            hint = suggest(name, sorted(targets)) or (
                 f" (targets: {', '.join(targets)})" if targets else " (no targets defined)"
             )
             issues.append(RuleIssue(("to", j), f"unknown target '{name}'{hint}"))
@@ -155,8 +154,34 @@ def compile_rule(
         issues.append(RuleIssue(("cancel",), "cancel only acts on task.stalled events, and this "
                                 "rule's on: never matches task.stalled"))  # fmt: skip
 
+    only_source = bool(types) and all(t.startswith("source.") for t in types)
+    conditions = _conditions(rule.when, only_source, sources, issues)
+    group_by: list[Path] = []
+    for j, key in enumerate(rule.group.by if rule.group else ()):
+        try:
+            group_by.append(parse_path(key))
+        except ValueError as exc:
+            issues.append(RuleIssue(("group", "by", j), str(exc)))
+
+    for name, source in (("title", rule.title), ("body", rule.body)):
+        if source is not None and (failure := _template_failure(source)):
+            issues.append(RuleIssue((name,), f"template error: {failure[1]}", line=failure[0]))
+
+    compiled = CompiledRule(
+        rule, rule.name, tuple(rule.on), tuple(conditions), tuple(group_by) if rule.group else None
+    )
+    return compiled, issues
+
+
+def _conditions(
+    when: dict[str, Any],
+    only_source: bool,
+    sources: Collection[str] | None,
+    issues: list[RuleIssue],
+) -> list[Condition]:
+    """`when` compiled: the conditions that parse; the problems of the others go to `issues`."""
     conditions: list[Condition] = []
-    for key, value in rule.when.items():
+    for key, value in when.items():
         try:
             path = parse_path(key)
         except ValueError as exc:
@@ -183,22 +208,7 @@ def compile_rule(
                 issues.append(RuleIssue(("when", key, j), f"unknown source '{text}'{hint}"))
         if items and len(matchers) == len(items):
             conditions.append(Condition(path, tuple(matchers)))
-
-    group_by: list[Path] = []
-    for j, key in enumerate(rule.group.by if rule.group else ()):
-        try:
-            group_by.append(parse_path(key))
-        except ValueError as exc:
-            issues.append(RuleIssue(("group", "by", j), str(exc)))
-
-    for name, source in (("title", rule.title), ("body", rule.body)):
-        if source is not None and (failure := _template_failure(source)):
-            issues.append(RuleIssue((name,), f"template error: {failure[1]}", line=failure[0]))
-
-    compiled = CompiledRule(
-        rule, rule.name, tuple(rule.on), tuple(conditions), tuple(group_by) if rule.group else None
-    )
-    return compiled, issues
+    return conditions
 
 
 def _template_failure(source: str) -> tuple[int, str] | None:

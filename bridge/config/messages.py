@@ -48,7 +48,7 @@ def _value_hint(value: str) -> str | None:
         return f'a value starting with * is read as an alias: {_QUOTE}, e.g. on: "*.failed"'
     if first == "&":
         return f"a value starting with & is read as an anchor: {_QUOTE}"
-    if first and first in "%@`|>!":
+    if first and first in "%@`":
         return f"a value cannot start with {first} unless quoted: {_QUOTE}"
     if ": " in value or value.endswith(":"):
         return (f"this value holds ': ', which YAML reads as a new key: {_QUOTE}, "
