@@ -5,6 +5,7 @@ answers and the injected faults (HTML, truncated or malformed JSON, wrong shape,
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,25 +86,22 @@ def new_api_request_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + f"{time.time_ns() % 10**8:08d}"
 
 
+def _refused(flavor: str, status: int, trueai: str, new_api: str) -> web.Response:
+    if flavor == "trueai":
+        return text(trueai, status)
+    if flavor == "new-api":
+        message = f"{new_api} (request id: {new_api_request_id()})"
+        return json_response({"error": {"message": message, "type": "new_api_error"}}, status)
+    return empty(status)
+
+
 def unauthorized(flavor: str) -> web.Response:
     """The flavour's exact answer to a missing or wrong key."""
-    match flavor:
-        case "trueai":
-            return text("Authorization header missing.", 401)
-        case "new-api":
-            message = f"无效的令牌 (request id: {new_api_request_id()})"
-            return json_response({"error": {"message": message, "type": "new_api_error"}}, 401)
-    return empty(401)
+    return _refused(flavor, 401, "Authorization header missing.", "无效的令牌")
 
 
 def forbidden(flavor: str) -> web.Response:
-    match flavor:
-        case "trueai":
-            return text("账号不可用", 403)
-        case "new-api":
-            message = f"用户已被封禁 (request id: {new_api_request_id()})"
-            return json_response({"error": {"message": message, "type": "new_api_error"}}, 403)
-    return empty(403)
+    return _refused(flavor, 403, "账号不可用", "用户已被封禁")
 
 
 def rate_limited(flavor: str) -> web.Response:
@@ -173,3 +171,34 @@ def transform(fault: str, response: web.Response) -> web.Response:
         data = body if is_json else b"null"
         return raw_json(b'{"code":0,"msg":"success","data":' + data + b"}")
     return response
+
+
+ObjectHandler = Callable[[dict[str, Any], web.Request], Awaitable[web.StreamResponse]]
+
+
+def bad_request(flavor: str, path: str) -> web.Response:
+    """The flavour's answer to a body that is not a JSON object."""
+    match flavor:
+        case "trueai":
+            return json_response({"code": 4, "description": "参数错误"}, 400)
+        case "new-api":
+            body = {"description": "bind_request_body_failed", "type": "upstream_error", "code": 4}
+            return json_response(body, 400)
+    return spring_error(400, "Bad Request", path)
+
+
+def with_object(
+    flavor: str, handler: ObjectHandler
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler of a JSON object body (an empty body is {}); anything else is a bad request."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            data = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            return bad_request(flavor, request.path)
+        return await handler(data, request)
+
+    return handle

@@ -1,5 +1,5 @@
 """The simulator's HTTP face: routes per flavour, the auth check, fault injection, and the
-`/mj/task/*` and `/mj/submit/*` handlers answering exactly as each upstream does.
+`/mj/task/*` handlers answering exactly as each upstream does (`/mj/submit/*`: submit.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import orjson
 from aiohttp import web
 
 from . import responses as r
-from .lifecycle import INSTANCE_ID, SimTask, action_for_custom_id, banned_word, outcome_for_prompt
+from .lifecycle import SimTask
 from .picture import picture
-from .render import NZ_LACKS, task_bytes
+from .render import task_bytes
+from .submit import Submit
 
 if TYPE_CHECKING:
     from .app import Simulator
@@ -46,16 +47,20 @@ class Api:
             flavor == f for f in ("midjourney-proxy", "nz", "trueai", "new-api")
         )
         add = app.router.add_route
+
+        def json(handler: r.ObjectHandler) -> Handler:
+            return r.with_object(flavor, handler)
+
         if not new_api:
             add("GET", "/mj/task/list", self._list)
-        add("POST", "/mj/task/list-by-condition", self._list_by_condition)
+        add("POST", "/mj/task/list-by-condition", json(self._list_by_condition))
         if ta:
-            add("POST", "/mj/task/list-by-ids", self._list_by_condition)
+            add("POST", "/mj/task/list-by-ids", json(self._list_by_condition))
         add("GET", "/mj/task/{id}/fetch", self._fetch)
         if plus or nz:
             add("GET", "/mj/task/queue", self._queue)
         if plus:
-            add("POST", "/mj/task/query", self._query)
+            add("POST", "/mj/task/query", json(self._query))
         # nz 2.x serves no cancel and no image-seed: Spring's default 404 answers them.
         if not nz:
             add("GET", "/mj/task/{id}/image-seed", self._image_seed)
@@ -65,19 +70,8 @@ class Api:
             add("GET", "/mj/image/{id}", self._image)
         # The images the tasks' imageUrls point at (Discord's CDN path shape), for attach_image.
         add("GET", "/attachments/{tail:.+}", self._attachment)
-        add("POST", "/mj/submit/imagine", self._imagine)
-        add("POST", "/mj/submit/change", self._change)
-        add("POST", "/mj/submit/simple-change", self._simple_change)
-        for kind in ("describe", "blend"):
-            add("POST", f"/mj/submit/{kind}", self._submit_other)
-        if nz:  # the rest (buttons, modal, shorten, video, face swap) is plus-only
-            return app
-        add("POST", "/mj/submit/modal", self._submit_modal)
-        add("POST", "/mj/submit/action", self._action)
-        for kind in ("shorten", "video", "edits"):
-            add("POST", f"/mj/submit/{kind}", self._submit_other)
-        add("POST", "/mj/submit/upload-discord-images", self._upload)
-        add("POST", "/mj/insight-face/swap", self._submit_other)
+        for path, handler in Submit(self.sim).routes():
+            add("POST", path, json(handler))
         return app
 
     @web.middleware
@@ -132,26 +126,6 @@ class Api:
                 given = headers.get("mj-api-secret", "")
         return hmac.compare_digest(given.encode(), expected.encode())
 
-    async def _body(self, request: web.Request) -> dict[str, Any] | None:
-        try:
-            data = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError:
-            return None
-        return data if isinstance(data, dict) else None
-
-    def _bad_request(self, path: str) -> web.Response:
-        match self.sim.flavor:
-            case "trueai":
-                return r.json_response({"code": 4, "description": "参数错误"}, 400)
-            case "new-api":
-                body = {
-                    "description": "bind_request_body_failed",
-                    "type": "upstream_error",
-                    "code": 4,
-                }
-                return r.json_response(body, 400)
-        return r.spring_error(400, "Bad Request", path)
-
     def _base(self, request: web.Request) -> str:
         return self.sim.url or f"{request.scheme}://{request.host}"
 
@@ -177,10 +151,7 @@ class Api:
         self.sim.bytes_sent += length
         return response
 
-    async def _list_by_condition(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
+    async def _list_by_condition(self, data: dict[str, Any], request: web.Request) -> web.Response:
         ids = data.get("ids")
         if not isinstance(ids, list) or not ids:
             return r.raw_json(b"[]")
@@ -219,10 +190,7 @@ class Api:
         )
         return r.raw_json(self.sim._join(queued))
 
-    async def _query(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
+    async def _query(self, data: dict[str, Any], request: web.Request) -> web.Response:
         number = max(int(data.get("pageNumber") or 0), 0)
         size = max(int(data.get("pageSize") or 10), 1)
         rows = [t for t in self.sim._tasks.values() if _query_match(t, data)]
@@ -297,150 +265,6 @@ class Api:
         tail = request.match_info["tail"]
         # A PNG whatever the name says (.webp included): browsers sniff the bytes.
         return web.Response(body=picture(tail), content_type="image/png")
-
-    # /mj/submit/* ---------------------------------------------------------------------------------
-
-    def _submitted(self, task: SimTask) -> web.Response:
-        props: dict[str, Any] = {"discordInstanceId": INSTANCE_ID}
-        if task.status == "MODAL":
-            code = 21
-            if self.sim.flavor == "trueai":
-                props = {"finalPrompt": task.final_prompt, "remix": True}
-            # new-api turns "waiting for window" into a plain success, except for the two
-            # actions whose modal the client must fill in itself.
-            elif self.sim.flavor == "new-api" and task.action not in ("INPAINT", "CUSTOM_ZOOM"):
-                code = 1
-            return r.json_response(
-                {"code": code, "description": "窗口等待", "result": task.id, "properties": props}
-            )
-        body = {"code": 1, "description": "Submit success", "result": task.id, "properties": props}
-        return r.json_response(body)
-
-    def _fail(self, code: int, description: str, **properties: Any) -> web.Response:
-        body = {"code": code, "description": description, "result": None, "properties": properties}
-        return r.json_response(body)
-
-    def _submit_hook(self, data: dict[str, Any]) -> str | None:
-        hook = data.get("notifyHook")
-        return hook if isinstance(hook, str) and hook and self.sim.flavor != "new-api" else None
-
-    def _state(self, data: dict[str, Any]) -> str | None:
-        state = data.get("state")
-        return state if isinstance(state, str) else None
-
-    async def _imagine(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        prompt = data.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            return self._fail(4, "prompt不能为空")
-        word = banned_word(prompt)
-        if word is not None:
-            return self._fail(24, "可能包含敏感词", promptEn=prompt, bannedWord=word)
-        outcome = outcome_for_prompt(prompt)
-        if self.sim.flavor == "nz" and outcome in NZ_LACKS:
-            outcome = "success"  # no remix window, no cancel: the words mean nothing to nz
-        task_id = self.sim.add_task(
-            prompt,
-            outcome=outcome,
-            notify_hook=self._submit_hook(data),
-            state=self._state(data),
-        )
-        return self._submitted(self.sim._tasks[task_id])
-
-    async def _submit_modal(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        task = self.sim._tasks.get(str(data.get("taskId") or ""))
-        if task is None:
-            return self._fail(3, "关联任务不存在或已失效")
-        prompt = data.get("prompt")
-        if not self.sim.modal(task.id, prompt if isinstance(prompt, str) else None):
-            return self._fail(4, "关联任务状态错误")
-        return self._submitted(task)
-
-    def _follow_up(
-        self, data: dict[str, Any], parent_id: object, action: str, modal: bool
-    ) -> web.Response:
-        parent = self.sim._tasks.get(str(parent_id or ""))
-        if parent is None:
-            return self._fail(3, "关联任务不存在或已失效")
-        if parent.status != "SUCCESS":
-            return self._fail(4, "关联任务状态错误")
-        task_id = self.sim.add_task(
-            parent.prompt,
-            action=action,
-            outcome="modal" if modal else "success",
-            notify_hook=self._submit_hook(data),
-            state=self._state(data),
-        )
-        return self._submitted(self.sim._tasks[task_id])
-
-    async def _action(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        custom_id = data.get("customId")
-        if not isinstance(custom_id, str) or not custom_id:
-            return self._fail(4, "customId不能为空")
-        action, modal = action_for_custom_id(custom_id)
-        return self._follow_up(data, data.get("taskId"), action, modal)
-
-    async def _change(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        action = data.get("action")
-        if action not in ("UPSCALE", "VARIATION", "REROLL"):
-            return self._fail(4, "action参数错误")
-        return self._follow_up(data, data.get("taskId"), str(action), False)
-
-    async def _simple_change(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        parts = str(data.get("content") or "").split()
-        actions = {"U": "UPSCALE", "V": "VARIATION", "R": "REROLL"}
-        if len(parts) != 2 or not parts[1] or parts[1][0].upper() not in actions:
-            return self._fail(4, "content参数错误")
-        return self._follow_up(data, parts[0], actions[parts[1][0].upper()], False)
-
-    async def _submit_other(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        kind = request.path.rsplit("/", 1)[-1]
-        action = {"swap": "SWAP_FACE", "edits": "EDIT"}.get(kind, kind.upper())
-        prompt = data.get("prompt")
-        if kind == "blend":
-            images = data.get("base64Array")
-            if not isinstance(images, list) or len(images) < 2:
-                return self._fail(4, "base64List参数错误")
-        elif kind == "describe" and not data.get("base64"):
-            return self._fail(4, "base64不能为空")
-        elif kind == "shorten" and not (isinstance(prompt, str) and prompt.strip()):
-            return self._fail(4, "prompt不能为空")
-        task_id = self.sim.add_task(
-            prompt if isinstance(prompt, str) else "",
-            action=action,
-            notify_hook=self._submit_hook(data),
-            state=self._state(data),
-        )
-        return self._submitted(self.sim._tasks[task_id])
-
-    async def _upload(self, request: web.Request) -> web.Response:
-        data = await self._body(request)
-        if data is None:
-            return self._bad_request(request.path)
-        images = data.get("base64Array")
-        count = len(images) if isinstance(images, list) else 0
-        urls = [
-            f"https://cdn.discordapp.com/ephemeral-attachments/1/{i}/image.png"
-            for i in range(count)
-        ]
-        return r.json_response({"code": 1, "description": "成功", "result": urls, "properties": {}})
 
 
 def _query_match(task: SimTask, query: dict[str, Any]) -> bool:
