@@ -102,8 +102,10 @@ def test_tasks_without_a_usable_id_are_dropped_with_a_reason(
         ({"id": "1", "progress": "-Infinity"}, "progress is not a finite number"),
         ({"id": "1", "progress": " NaN %"}, "progress is not a finite number"),
         ({"id": "7" * 257, "status": "SUCCESS"}, "id longer than 256 characters"),
+        ({"id": "1", "status": "S" * 65, "progress": "1%"}, "status longer than 64 characters"),
+        ({"id": "1", "status": {"a": "b" * 70}}, "status longer than 64 characters"),
     ],
-    ids=["Infinity%", "inf", "1e999", "-Infinity", "NaN", "long id"],
+    ids=["Infinity%", "inf", "1e999", "-Infinity", "NaN", "long id", "long status", "odd status"],
 )
 def test_rows_the_bridge_cannot_rank_are_dropped(raw: dict[str, Any], reason: str) -> None:
     good = {"id": "2", "status": "SUCCESS", "progress": "100%"}

@@ -5,6 +5,7 @@ The quirks of the real servers (docs reference, sections 4 and 5), and what happ
 
 - `status: null` (and a fresh new-api row's `""`) becomes `""`, which ranks as NOT_START; a status
   that is not a string (never seen, but cheap to survive) becomes its text.
+- A status longer than MAX_STATUS_CHARS drops the row (it would be kept in the task's state).
 - A numeric `id` becomes its text; a task without a usable id (none, empty, not a string or number,
   longer than MAX_ID_CHARS) is dropped with a reason (what a drop means for a poll, a lookup and
   the probe is poll.py's call: never "the task is gone").
@@ -43,6 +44,9 @@ __all__ = [
 
 Body = bytes | bytearray  # an answer as read (poll.py reads large ones into a bytearray)
 MAX_ID_CHARS = 256  # real ids are 16-19 digits (midjourney-proxy) or a short prefixed token
+# Real statuses are at most 11 characters; a task's status is kept in its stored state, so an
+# unbounded one would let an upstream grow the database without a single event.
+MAX_STATUS_CHARS = 64
 # orjson encodes at most 254 levels, and an event wraps its task in two more (`data.task`).
 MAX_DEPTH = 252
 MAX_TASK_BYTES = 1024 * 1024  # one task as JSON; real ones are a few KiB
@@ -159,7 +163,9 @@ def normalize_task(task: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(reason)
     status = task.get("status")
     if not isinstance(status, str):
-        task["status"] = "" if status is None else str(status)
+        status = task["status"] = "" if status is None else str(status)
+    if len(status) > MAX_STATUS_CHARS:
+        raise ValueError(f"status longer than {MAX_STATUS_CHARS} characters")
     return task
 
 
@@ -179,7 +185,8 @@ def normalize_tasks(items: list[Any], *, strict: bool = False) -> Normalized:
                 type(tid) is str
                 and tid
                 and len(tid) <= MAX_ID_CHARS
-                and type(task.get("status")) is str
+                and type(status := task.get("status")) is str
+                and len(status) <= MAX_STATUS_CHARS
                 and type(progress) is str
                 and progress in _FINE_PROGRESS
             ):
