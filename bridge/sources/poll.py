@@ -1,6 +1,7 @@
-"""Polling: the upstream's Task Inquiry API, one method per endpoint, and `poll()` (list mode).
-Pipeline: **source** -> snapshot -> diff -> events. Faults become SourceError(reason, message).
-The other ways of reading (active, ids) combine these calls in modes.py.
+"""`TaskAPI`: the upstream's Task Inquiry API, one method per endpoint, and `poll()` (list mode).
+Pipeline: **source** -> snapshot -> diff -> events. Faults become SourceError(reason, message)
+(what each answer means: answers.py). The other ways of reading (active, ids) combine these calls
+in modes.py.
 
 A list-mode poll is GET {base_url}/mj/task/list, then POST /mj/task/list-by-condition for every
 tracked unfinished task the list did not contain (capped lists such as trueai's 100 newest), in
@@ -31,6 +32,19 @@ import orjson
 from bridge.config import SourceConfig
 from bridge.diff import Snapshot
 from bridge.errors import Redactor, SourceError
+from bridge.sources.answers import (
+    AUTH_SCHEMES,
+    JSON_TYPE,
+    LIST_PATH,
+    answer_code,
+    auth_headers,
+    check_status,
+    describe_error,
+    is_html,
+    json_object,
+    refuse_html,
+    why,
+)
 from bridge.sources.normalize import (
     Body,
     Dropped,
@@ -40,33 +54,15 @@ from bridge.sources.normalize import (
     parse_tasks,
 )
 
-__all__ = ["BATCH", "JunkTally", "TaskAPI", "UnusableRows", "auth_headers"]
+__all__ = ["BATCH", "JunkTally", "TaskAPI", "UnusableRows"]
 
 log = logging.getLogger("bridge.sources")
 
 BATCH = 100  # ids per list-by-condition call (trueai and new-api read them from a DB in one query)
-_LIST = "/mj/task/list"
+_LIST = LIST_PATH
 _BY_IDS = "/mj/task/list-by-condition"
 _QUEUE = "/mj/task/queue"
 _QUERY = "/mj/task/query"
-
-
-AUTH_SCHEMES = ("mj-api-secret", "bearer", "raw")
-
-
-def auth_headers(auth: str | None, api_key: str | None) -> dict[str, str]:
-    """The request headers of one auth mode (None: mj-api-secret, which midjourney-proxy needs
-    and trueai and new-api accept too); none without a key."""
-    if not api_key:
-        return {}
-    match auth or "mj-api-secret":
-        case "bearer":
-            return {"Authorization": f"Bearer {api_key}"}
-        case "mj-api-secret":
-            return {"mj-api-secret": api_key}
-        case "raw":
-            return {"Authorization": api_key}
-    return {}
 
 
 class UnusableRows(SourceError):
@@ -94,7 +90,7 @@ class JunkTally:
             self.where.append(where)
 
     def describe(self) -> str:
-        return f"{self.junk} unusable task row(s) ({_why(self.reasons)}) from " + (
+        return f"{self.junk} unusable task row(s) ({why(self.reasons)}) from " + (
             ", ".join(self.where)
         )
 
@@ -228,10 +224,10 @@ class TaskAPI:
         where, status, content_type, payload = await self._send("GET", path, None, strict=False)
         if status == 204 or (status < 300 and not payload.strip()):
             return None
-        if status == 400 and _code(payload) in (3, 4):
+        if status == 400 and answer_code(payload) in (3, 4):
             return None
-        _check_status(status, where)
-        data = _json_object(where, content_type, payload, "a task object")
+        check_status(status, where)
+        data = json_object(where, content_type, payload, "a task object")
         try:
             return normalize_task(data)
         except ValueError as exc:
@@ -243,7 +239,7 @@ class TaskAPI:
         path = f"/mj/task/{quote(task_id, safe='')}/cancel"
         _, status, content_type, payload = await self._send("POST", path, b"{}", strict=False)
         answer: Any
-        if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
+        if is_html(content_type, payload):
             return False, f"HTTP {status}: no cancel endpoint here (the server answered HTML)"
         try:
             answer = orjson.loads(payload) if payload.strip() else None
@@ -260,10 +256,10 @@ class TaskAPI:
         SourceError on transport failures and answers that are not the seed API."""
         path = f"/mj/task/{quote(task_id, safe='')}/image-seed"
         where, status, content_type, payload = await self._send("GET", path, None, strict=False)
-        if status in (400, 404) and _code(payload) is not None:
+        if status in (400, 404) and answer_code(payload) is not None:
             return None
-        _check_status(status, where)
-        data = _json_object(where, content_type, payload, "{code, description, result}")
+        check_status(status, where)
+        data = json_object(where, content_type, payload, "{code, description, result}")
         result = data.get("result")
         if data.get("code") != 1 or result in (None, ""):
             return None
@@ -271,12 +267,12 @@ class TaskAPI:
 
     async def _object(self, method: str, path: str, body: Any) -> tuple[str, dict[str, Any]]:
         where, _, content_type, payload = await self._send(method, path, orjson.dumps(body))
-        return where, _json_object(where, content_type, payload, "a JSON object")
+        return where, json_object(where, content_type, payload, "a JSON object")
 
     async def _request(self, method: str, path: str, body: Any = None) -> Normalized:
         data = None if body is None else orjson.dumps(body)
         where, _, content_type, payload = await self._send(method, path, data)
-        _refuse_html(where, content_type, payload)
+        refuse_html(where, content_type, payload)
         try:
             result = parse_tasks(payload)
         except SourceError as exc:
@@ -290,7 +286,7 @@ class TaskAPI:
                 reasons = Counter(d.reason for d in result.dropped)
                 raise UnusableRows(
                     f"{where}: none of the {len(result.dropped)} rows is a usable task "
-                    f"({_why(reasons)})"
+                    f"({why(reasons)})"
                 )
             tally = _TALLY.get()
             if tally is not None:
@@ -304,7 +300,7 @@ class TaskAPI:
         `strict` every HTTP status >= 300, become SourceError."""
         url = self.config.base_url + path
         where = f"{method} {self._redact(url)}"
-        headers = self._headers if data is None else {**self._headers, "Content-Type": _JSON}
+        headers = self._headers if data is None else {**self._headers, "Content-Type": JSON_TYPE}
         try:
             async with self._session.request(
                 method, url, data=data, headers=headers, timeout=self._timeout
@@ -316,7 +312,7 @@ class TaskAPI:
                     if better is not None:
                         return await self._send(method, path, data, strict=strict)
                 if strict:
-                    _check_status(response.status, where, self._auth_hint())
+                    check_status(response.status, where, self._auth_hint())
                 payload = await self._read(response, where)
                 return where, response.status, response.content_type, payload
         except SourceError:
@@ -330,7 +326,9 @@ class TaskAPI:
                 "bad_payload", f"{where}: the response was cut short ({self._redact(str(exc))})"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise SourceError("unreachable", f"{where}: {self._redact(_describe(exc))}") from exc
+            raise SourceError(
+                "unreachable", f"{where}: {self._redact(describe_error(exc))}"
+            ) from exc
         except ValueError as exc:  # e.g. user:pass in base_url and an Authorization header
             raise SourceError(
                 "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
@@ -361,7 +359,7 @@ class TaskAPI:
             if scheme == self.auth:
                 continue
             headers = {"Accept": "application/json", **auth_headers(scheme, self.config.api_key)}
-            extra = {} if data is None else {"Content-Type": _JSON}
+            extra = {} if data is None else {"Content-Type": JSON_TYPE}
             try:
                 async with self._session.request(
                     method, url, data=data, headers={**headers, **extra}, timeout=self._timeout
@@ -389,72 +387,3 @@ class TaskAPI:
         if self._works == "":
             return f"the key is refused in every scheme ({', '.join(AUTH_SCHEMES)}): check api_key"
         return "check api_key and the auth mode"
-
-
-def _why(reasons: Counter[str]) -> str:
-    return ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
-
-
-def _refuse_html(where: str, content_type: str, payload: Body) -> None:
-    if content_type == "text/html" or payload[:100].lstrip()[:1] == b"<":
-        raise SourceError(
-            "not_a_task_api",
-            f"{where} answered text/html, not a JSON task list: this URL is not a "
-            f"midjourney-proxy task API (new-api relays do not serve {_LIST}; use mode: ids "
-            "or auto, or point base_url at the midjourney-proxy behind the relay)",
-        )
-
-
-def _json_object(where: str, content_type: str, payload: Body, what: str) -> dict[str, Any]:
-    """An answer that must be one JSON object (a task, a seed answer, a query page)."""
-    _refuse_html(where, content_type, payload)
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise SourceError("bad_payload", f"{where}: the answer is not valid JSON") from exc
-    if not isinstance(data, dict):
-        raise SourceError("bad_payload", f"{where}: expected {what}")
-    return data
-
-
-def _code(payload: Body) -> object:
-    """The `code` of a {code, description} answer, or None."""
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    return data.get("code") if isinstance(data, dict) else None
-
-
-_JSON = "application/json"
-
-
-def _check_status(status: int, where: str, auth_hint: str = "") -> None:
-    if status < 300:
-        return
-    if status in (401, 403):
-        raise SourceError(
-            "auth_failed",
-            f"{where} answered HTTP {status}: " + (auth_hint or "check api_key and the auth mode"),
-        )
-    if status == 429:
-        raise SourceError("rate_limited", f"{where} answered HTTP 429: too many requests")
-    if status >= 500:
-        raise SourceError("server_error", f"{where} answered HTTP {status}")
-    if status in (404, 405):
-        raise SourceError(
-            "not_a_task_api",
-            f"{where} answered HTTP {status}: no task API here (base_url should be the server's "
-            "root, without /mj)",
-        )
-    raise SourceError("server_error", f"{where} answered HTTP {status}")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        cause = exc.os_error
-        why = "connection refused" if isinstance(cause, ConnectionRefusedError) else str(cause)
-        return f"cannot connect to {exc.host}:{exc.port} ({why})"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection without answering"
-    return str(exc) or type(exc).__name__
