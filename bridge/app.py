@@ -18,8 +18,9 @@ from typing import Any
 import aiohttp
 
 from bridge.config import Config, ConfigWatcher
-from bridge.deliver import Deliverer, TargetHealth
+from bridge.deliver import Deliverer
 from bridge.errors import BridgeError, ConfigError, StoreError
+from bridge.lanes import TargetHealth
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics

@@ -1,6 +1,6 @@
 """The deliver stage: outbox workers, one lane per target. Claims due deliveries, sends them,
 marks them sent only once the target accepted. The only place retries, backoff, rate limits,
-dead letters and digests live.
+dead letters and digests live (each lane's state and pacing: lanes.py).
 """
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.config import TargetConfig
 from bridge.errors import DeliveryError, redact
+from bridge.lanes import Lane, TargetHealth, backoff, bucket_for, units, why_give_up
 from bridge.logs import fields
 from bridge.models import OutboxItem
 from bridge.roles import Outbox
@@ -32,100 +31,6 @@ OUTCOMES = {"sent": "sent", "retry": "temporary_failure", "dead": "permanent_fai
 # only re-sends them, under the same webhook-id.
 ACK_GATHER = 0.05
 ACK_BATCH = 1024
-
-
-def backoff(failures: int, base: float, cap: float) -> float:
-    """The wait after the `failures`-th failure in a row: `base` doubled each time up to `cap`,
-    with equal jitter (uniform in the upper half), so waits never exceed the cap and a crowd of
-    bridges does not come back in lockstep (AWS architecture blog)."""
-    step = min(cap, base * 2.0 ** min(max(failures, 1) - 1, 32))
-    return random.uniform(step / 2, step)
-
-
-class TokenBucket:
-    """`count` sends per `period` seconds, bursts up to `count`. Reservations are taken
-    synchronously, so concurrent senders never overdraw it."""
-
-    def __init__(
-        self, count: int, period: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._rate = count / period
-        self._capacity = float(count)
-        self._tokens = float(count)
-        self._clock = clock
-        self._stamp = clock()
-
-    def reserve(self) -> float:
-        """Take one token; return how long to wait before using it."""
-        now = self._clock()
-        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
-
-    async def acquire(self) -> None:
-        delay = self.reserve()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-def units(items: Sequence[OutboxItem]) -> list[list[OutboxItem]]:
-    """Split claimed items into messages: one per item, one per digest group claimed together."""
-    out: list[list[OutboxItem]] = []
-    groups: dict[str, list[OutboxItem]] = {}
-    for item in items:
-        if item.group is None:
-            out.append([item])
-        elif item.group in groups:
-            groups[item.group].append(item)
-        else:
-            groups[item.group] = [item]
-            out.append(groups[item.group])
-    return out
-
-
-def _bucket(config: TargetConfig) -> TokenBucket | None:
-    if config.rate_limit is None:
-        return None
-    count, period = config.rate_limit
-    return TokenBucket(count, period)
-
-
-@dataclass(slots=True)
-class TargetHealth:
-    """How a target is doing, for logs, metrics and the status page: failing from its first
-    failed attempt until an attempt succeeds."""
-
-    failing_since: float | None = None  # its first retryable failure since it last accepted one
-    failures: int = 0  # retryable failures in a row
-    last_error: str | None = None
-    last_error_at: float | None = None
-    last_ok: float | None = None
-
-    @property
-    def up(self) -> bool:
-        return self.failing_since is None
-
-
-@dataclass(eq=False, slots=True)
-class _Lane:
-    """One target's worker state."""
-
-    name: str
-    target: Target
-    config: TargetConfig
-    bucket: TokenBucket | None
-    signal: asyncio.Event = field(default_factory=asyncio.Event)
-    held: set[str] = field(default_factory=set)  # claimed by us, outcome not recorded yet
-    fresh: bool = True  # the outbox may hold due items this lane has not claimed
-    look_at: float = 0.0  # when to claim again unasked (next due time, or the idle period)
-    active: set[asyncio.Task[None]] = field(default_factory=set)
-    health: TargetHealth = field(default_factory=TargetHealth)
-    # While the target keeps failing (health.failing_since), one delivery (the probe) is tried
-    # at a time and the rest wait in the outbox; the first success sends them all again.
-    probe_at: float = 0.0  # when the next probe may go
-    probe: list[OutboxItem] | None = None  # the unit being tried, while one is
-    parked: list[str] = field(default_factory=list)  # claimed before it failed; to hand back
 
 
 class Deliverer:
@@ -151,7 +56,7 @@ class Deliverer:
         # Called with (target, seconds from each delivery's creation to its acceptance): metrics.
         self._on_sent = on_sent
         self._lanes = [
-            _Lane(name, target, configs[name], _bucket(configs[name]))
+            Lane(name, target, configs[name], bucket_for(configs[name]))
             for name, target in targets.items()
         ]
         # Overrides of every target's `backoff` and `backoff_cap` (tests).
@@ -233,7 +138,7 @@ class Deliverer:
 
     # -- a lane -----------------------------------------------------------------------------
 
-    async def _lane(self, lane: _Lane) -> None:
+    async def _lane(self, lane: Lane) -> None:
         concurrency = lane.config.concurrency
         # Large claims keep the database off the hot path (one claim per few hundred sends); a
         # rate-limited target claims only what it can send soon.
@@ -306,7 +211,7 @@ class Deliverer:
         lane.active = set()
         # Claimed but never started: they stay in `held` and run() hands them back.
 
-    async def _deliver(self, lane: _Lane, unit: list[OutboxItem]) -> None:
+    async def _deliver(self, lane: Lane, unit: list[OutboxItem]) -> None:
         try:
             if lane.bucket is not None:
                 await lane.bucket.acquire()
@@ -335,7 +240,7 @@ class Deliverer:
             return
         await self._failed(lane, unit, error)
 
-    def _accepted(self, lane: _Lane, unit: list[OutboxItem]) -> None:
+    def _accepted(self, lane: Lane, unit: list[OutboxItem]) -> None:
         now = time.time()
         health = lane.health
         if health.failing_since is not None:
@@ -354,7 +259,7 @@ class Deliverer:
             self._on_sent(lane.name, [now - i.created_at for i in unit])
 
     async def _probe(
-        self, lane: _Lane, waiting: deque[list[OutboxItem]], ready: asyncio.Event, batch: int
+        self, lane: Lane, waiting: deque[list[OutboxItem]], ready: asyncio.Event, batch: int
     ) -> None:
         """The failing lane's turn: when the probe is due, claim the oldest deliveries, try the
         first, make dead letters of those past `max_age` and hand the rest back untouched."""
@@ -391,12 +296,12 @@ class Deliverer:
             async with asyncio.timeout(timeout):
                 await lane.signal.wait()
 
-    def _backoff(self, lane: _Lane, failures: int) -> float:
+    def _backoff(self, lane: Lane, failures: int) -> float:
         base = lane.config.backoff if self._backoff_base is None else self._backoff_base
         cap = lane.config.backoff_cap if self._backoff_cap is None else self._backoff_cap
         return backoff(failures, base, max(cap, base))
 
-    async def _failed(self, lane: _Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
+    async def _failed(self, lane: Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
         now = time.time()
         message = redact(str(error))
         health = lane.health
@@ -433,16 +338,9 @@ class Deliverer:
             next_at = max(lane.probe_at, now)
         else:
             health.last_error, health.last_error_at = message, now
-        limit = lane.config.max_attempts
         for item in unit:
             attempts = item.attempts + 1
-            give_up = None
-            if next_at is None:
-                give_up = "not retryable"
-            elif limit is not None and attempts >= limit:
-                give_up = f"gave up after {attempts} attempts"
-            elif now - item.created_at >= lane.config.max_age:
-                give_up = f"gave up: older than max_age ({lane.config.max_age:g}s)"
+            give_up = why_give_up(lane.config, item, attempts, retry=next_at is not None, now=now)
             if give_up is not None:
                 await self._dead(lane, item, f"{message} ({give_up})", attempts)
                 continue
@@ -461,7 +359,7 @@ class Deliverer:
         lane.fresh = True  # the next due time may have moved closer
         lane.signal.set()
 
-    async def _dead(self, lane: _Lane, item: OutboxItem, why: str, attempts: int) -> None:
+    async def _dead(self, lane: Lane, item: OutboxItem, why: str, attempts: int) -> None:
         await self._store.mark_dead(item.id, why)
         self._count(lane.name, "dead")
         log.warning(
@@ -474,7 +372,7 @@ class Deliverer:
         lane.held.discard(item.id)
 
     @staticmethod
-    def _fields(lane: _Lane, item: OutboxItem, attempt: int) -> dict[str, Any]:
+    def _fields(lane: Lane, item: OutboxItem, attempt: int) -> dict[str, Any]:
         event = item.event  # parsed on this failure path only; a send never parses it
         return fields(
             target=lane.name,

@@ -30,7 +30,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 
 
 class TargetState(Protocol):
-    """A target's health as the deliverer keeps it (deliver.TargetHealth)."""
+    """A target's health as the deliverer keeps it (lanes.TargetHealth)."""
 
     @property
     def up(self) -> bool: ...

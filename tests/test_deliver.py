@@ -17,8 +17,9 @@ import pytest
 from bridge.commands.dlq import format_dead_letters, list_command, replay_command
 from bridge.commands.send_test import send_test, send_test_command
 from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
-from bridge.deliver import Deliverer, TokenBucket, backoff, units
+from bridge.deliver import Deliverer
 from bridge.errors import DeliveryError, Redactor
+from bridge.lanes import TokenBucket, backoff, units, why_give_up
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target
 from tests.receiver import Receiver, Reply, make_delivery, make_event
@@ -311,6 +312,27 @@ def test_units_group_digests_and_keep_order() -> None:
 
     got = units([it(1, None), it(2, "g"), it(3, None), it(4, "g"), it(5, "h")])
     assert [[i.id for i in u] for u in got] == [["1"], ["2", "4"], ["3"], ["5"]]
+
+
+@pytest.mark.parametrize(
+    ("retry", "attempts", "age", "why"),
+    [
+        (True, 2, 10.0, None),
+        (False, 1, 0.0, "not retryable"),
+        (True, 3, 10.0, "gave up after 3 attempts"),
+        (True, 2, 3600.0, "gave up: older than max_age (3600s)"),
+    ],
+    ids=["retried", "permanent", "out-of-attempts", "too-old"],
+)
+def test_a_failed_delivery_is_given_up_for_the_reason_the_dead_letter_shows(
+    retry: bool, attempts: int, age: float, why: str | None
+) -> None:
+    config = WebhookTargetConfig(webhook="http://127.0.0.1:9/", max_attempts=3, max_age="1h")
+    item = OutboxItem(
+        id="d", target="t", rule="r", event=make_event(1), title="", body="", group=None,
+        attempts=attempts - 1, created_at=0.0, next_at=0.0, last_error=None,
+    )  # fmt: skip
+    assert why_give_up(config, item, attempts, retry=retry, now=age) == why
 
 
 # -- dead letters table and send-test (bridge/commands/) -------------------------------------------
