@@ -27,10 +27,9 @@ from bench.delivery import CONCURRENCY, bare, fresh, make_events, renamed
 from bench.receiver import ReceiverProcess
 from bridge.config import Config
 from bridge.deliver import Deliverer
-from bridge.models import Event
+from bridge.models import Event, event_json
 from bridge.rules import Router
 from bridge.store import Store
-from bridge.store.base import event_json
 from bridge.targets import build_target, close_targets
 
 URLS = {
