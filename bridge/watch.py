@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from bridge.actions import UpstreamActions
@@ -23,30 +23,13 @@ from bridge.logs import fields
 from bridge.metrics import Metrics
 from bridge.models import Event
 from bridge.publish import Publisher
-from bridge.sources.health import SourceHealth
+from bridge.sources.health import SourceHealth, SourceStatus
 from bridge.sources.modes import Reader
 from bridge.sources.normalize import unstorable
 from bridge.sources.poll import TaskAPI
 from bridge.sources.probe import choose_reader
 
 log = logging.getLogger("bridge.watch")
-
-
-@dataclass(slots=True)
-class SourceStatus:
-    """What the status page and /readyz show of a source."""
-
-    name: str
-    up: bool = True
-    last_ok: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-    tracked: int = 0
-    unfinished: int = 0
-    polls: int = 0
-    mode: str = ""  # the way of reading chosen (list | active | ids); "" until probed
-    mode_reason: str = ""
-    note: str = ""  # what the way of reading allows now, e.g. a delay bound; "" when nothing
 
 
 class Watcher:

@@ -16,8 +16,8 @@ from aiohttp import web
 from bridge.config import Config, ServerConfig, SourceConfig
 from bridge.metrics import Metrics, TargetState
 from bridge.models import Event
+from bridge.sources.health import SourceStatus
 from bridge.store import Store
-from bridge.watch import SourceStatus
 
 
 class SourceHandle(Protocol):

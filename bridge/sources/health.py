@@ -1,15 +1,17 @@
 """Source health: consecutive poll failures -> one `source.down`, the next good answer -> one
 `source.up`, and how long to wait before the next poll. Pure (the caller passes `now`).
+`SourceStatus` is what the status page and /readyz show of a source (its Watcher fills it in).
 Pipeline: **source** -> snapshot -> diff; these events join the diff's on their way to the rules.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bridge.models import Event, EventType, Outage, event_id, iso
 
-__all__ = ["SourceHealth"]
+__all__ = ["SourceHealth", "SourceStatus"]
 
 
 class SourceHealth:
@@ -111,3 +113,20 @@ class SourceHealth:
             time=datetime.fromtimestamp(now, UTC),
             data=data,
         )
+
+
+@dataclass(slots=True)
+class SourceStatus:
+    """What the status page and /readyz show of a source."""
+
+    name: str
+    up: bool = True
+    last_ok: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    tracked: int = 0
+    unfinished: int = 0
+    polls: int = 0
+    mode: str = ""  # the way of reading chosen (list | active | ids); "" until probed
+    mode_reason: str = ""
+    note: str = ""  # what the way of reading allows now, e.g. a delay bound; "" when nothing
