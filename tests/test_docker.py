@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -382,3 +384,33 @@ async def test_docker_compose_file_runs_the_tour() -> None:
         assert secret.removeprefix("whsec_") not in everything
     finally:
         await compose("down", "-v", within=120)
+
+
+async def test_a_code_change_reinstalls_no_dependency(tmp_path: Path) -> None:
+    """A build after a code change takes the dependency stage from the cache (pip does not run
+    again for them), and the bridge's own layer in the image is small."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "constraints.txt", "README.md"):
+        shutil.copy2(REPO / name, context / name)
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "bridge", context / "bridge", ignore=skip)
+    with (context / "bridge" / "__init__.py").open("a") as f:
+        f.write(f"\n# a code change {secrets.token_hex(8)}\n")
+    changed = IMAGE + "-code-change"
+    out = await docker("build", "--network", "host", "-t", changed, str(context), within=1200)
+    steps = out.split("\nStep ")  # the classic builder's output, one block per instruction
+    # What this build made, the changed code stage included, goes again (vfs keeps full copies).
+    made = [m[-1] for s in steps if "Using cache" not in s and (m := re.findall(r"---> (\w+)", s))]
+    for image in [changed, *reversed(made)]:
+        with contextlib.suppress(DockerError):
+            await docker("rmi", image)
+    (deps,) = [s for s in steps if "install -c constraints.txt -r requirements.txt" in s]
+    assert "Using cache" in deps, f"the dependencies were installed again:\n{deps}"
+    (code,) = [s for s in steps if "--no-deps --target" in s]
+    assert "Using cache" not in code  # the changed code was installed
+
+    history = ("history", "--no-trunc", "--human=false", "--format", "{{.Size}} {{.CreatedBy}}")
+    layers = (await docker(*history, IMAGE)).splitlines()
+    (lib,) = [line for line in layers if "python3.11/site-packages/" in line]
+    assert int(lib.split()[0]) < 5_000_000, f"the code layer is not small: {lib}"
