@@ -138,13 +138,6 @@ class Condition:
         return f"when {self.path.key}: has {have}, wanted {wanted}"
 
 
-def parse_condition(key: str, value: Any) -> Condition:
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise ValueError("an empty list matches nothing")
-    return Condition(parse_path(key), tuple(parse_matcher(v) for v in items))
-
-
 def is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
