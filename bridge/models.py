@@ -119,7 +119,8 @@ def iso(ts: datetime) -> str:
 @dataclass(frozen=True, slots=True)
 class Event:
     """A change of a task (or of a source). `task` is the upstream JSON as it was sent, normalised
-    only where SPEC says so; `data` carries the rest of the CloudEvents `data` object."""
+    only as docs/design.md's Normalisation says; `data` carries the rest of the CloudEvents `data`
+    object."""
 
     id: str
     type: str
