@@ -14,11 +14,10 @@ import aio_pika
 import aio_pika.abc
 import aio_pika.exceptions
 
-from bridge import topics
 from bridge.config import AmqpTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, attributes
 
 
 @dataclass(slots=True)
@@ -30,11 +29,8 @@ class _Channel:
 
 class AmqpTarget(BrokerTarget[_Channel]):
     def __init__(self, name: str, config: AmqpTargetConfig) -> None:
-        self.name = name
+        super().__init__(name, config, config.routing_key, "amqp")
         self._config = config
-        self.binary = config.mode == "binary"
-        self._routing_key = topics.Namer(config.routing_key, "amqp")
-        self.link: Link[_Channel] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> _Channel:
         # A plain connection, not connect_robust: the Link reconnects, with backoff, on the next
@@ -60,8 +56,7 @@ class AmqpTarget(BrokerTarget[_Channel]):
             raise
         return _Channel(connection, channel, exchange)
 
-    @staticmethod
-    async def _disconnect(link: _Channel) -> None:
+    async def _disconnect(self, link: _Channel) -> None:
         await link.connection.close()
 
     def message(self, item: OutboxItem) -> aio_pika.Message:
@@ -79,7 +74,7 @@ class AmqpTarget(BrokerTarget[_Channel]):
         )
 
     async def send(self, item: OutboxItem) -> None:
-        key = self.destination(self._routing_key, item)
+        key = self.destination(item)
         message = self.message(item)
         link = await self.link.get()
         try:

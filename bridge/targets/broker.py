@@ -17,9 +17,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
+from bridge import topics
 from bridge.config import BrokerTargetCommon
 from bridge.errors import DeliveryError, Redactor
-from bridge.models import Event, OutboxItem, iso
+from bridge.models import OutboxItem, iso
+from bridge.topics import Kind
 
 log = logging.getLogger("bridge.targets")
 
@@ -152,18 +154,27 @@ class Link(Generic[C]):
 
 
 class BrokerTarget(Generic[C]):
-    """The part of a broker target that is the same for every broker: each event is one message
-    on `link`, so a digest group is published event by event; `send` is the broker's own."""
+    """The part of a broker target that is the same for every broker: one connection (`link`)
+    opened by the subclass's `_connect`, each event one message on it (so a digest group is
+    published event by event), its destination named by a template; `send` is the broker's own."""
 
-    name: str
-    link: Link[C]
-    binary: bool  # CloudEvents binary mode: the body is the event's data alone
+    def __init__(self, name: str, config: BrokerTargetCommon, destination: str, kind: Kind) -> None:
+        self.name = name
+        self.binary = config.mode == "binary"  # CloudEvents binary mode: the body is the data
+        self._namer = topics.Namer(destination, kind)
+        self.link: Link[C] = Link(name, config, self._connect, self._disconnect)
 
-    def destination(self, namer: Callable[[Event], str], item: OutboxItem) -> str:
+    async def _connect(self) -> C:
+        raise NotImplementedError
+
+    async def _disconnect(self, conn: C) -> None:
+        raise NotImplementedError
+
+    def destination(self, item: OutboxItem) -> str:
         """The subject, routing key, stream or topic of `item`; a template that cannot name one
         makes a DeliveryError that no retry would fix."""
         try:
-            return namer(item.event)
+            return self._namer(item.event)
         except ValueError as exc:
             raise DeliveryError(f"{self.name}: {exc}", retryable=False) from exc
 

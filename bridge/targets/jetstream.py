@@ -9,20 +9,16 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 
-from bridge import topics
 from bridge.config import NatsTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, attributes
 
 
 class NatsTarget(BrokerTarget[Client]):
     def __init__(self, name: str, config: NatsTargetConfig) -> None:
-        self.name = name
+        super().__init__(name, config, config.subject, "nats")
         self._config = config
-        self.binary = config.mode == "binary"
-        self._subject = topics.Namer(config.subject, "nats")
-        self.link: Link[Client] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> Client:
         async def quiet(exc: Exception) -> None:
@@ -43,8 +39,7 @@ class NatsTarget(BrokerTarget[Client]):
             raise
         return nc
 
-    @staticmethod
-    async def _disconnect(nc: Client) -> None:
+    async def _disconnect(self, nc: Client) -> None:
         await nc.close()
 
     def headers(self, item: OutboxItem) -> dict[str, str]:
@@ -58,7 +53,7 @@ class NatsTarget(BrokerTarget[Client]):
         return headers
 
     async def send(self, item: OutboxItem) -> None:
-        subject = self.destination(self._subject, item)
+        subject = self.destination(item)
         body = self.body(item)
         nc = await self.link.get()
         js = nc.jetstream(timeout=self._config.timeout)

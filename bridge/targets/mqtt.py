@@ -15,20 +15,16 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge import topics
 from bridge.config import MqttTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, attributes
 
 
 class MqttTarget(BrokerTarget[aiomqtt.Client]):
     def __init__(self, name: str, config: MqttTargetConfig) -> None:
-        self.name = name
+        super().__init__(name, config, config.topic_template, "mqtt")
         self._config = config
-        self.binary = config.mode == "binary"
-        self._topic = topics.Namer(config.topic_template, "mqtt")
-        self.link: Link[aiomqtt.Client] = Link(name, config, self._connect, self._disconnect)
 
     async def _connect(self) -> aiomqtt.Client:
         parts = urlsplit(self._config.mqtt)
@@ -48,8 +44,7 @@ class MqttTarget(BrokerTarget[aiomqtt.Client]):
         await client.__aenter__()
         return client
 
-    @staticmethod
-    async def _disconnect(client: aiomqtt.Client) -> None:
+    async def _disconnect(self, client: aiomqtt.Client) -> None:
         # aiomqtt keeps an unexpected disconnection as a future's exception; read it, or asyncio
         # logs "Future exception was never retrieved" when the client is collected.
         lost = getattr(client, "_disconnected", None)
@@ -69,7 +64,7 @@ class MqttTarget(BrokerTarget[aiomqtt.Client]):
         return props
 
     async def send(self, item: OutboxItem) -> None:
-        topic = self.destination(self._topic, item)
+        topic = self.destination(item)
         body = self.body(item)
         client = await self.link.get()
         try:

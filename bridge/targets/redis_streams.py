@@ -12,11 +12,10 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry
 
-from bridge import topics
 from bridge.config import RedisTargetConfig
 from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
-from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, Link, attributes, data_bytes
+from bridge.targets.broker import JSON, STRUCTURED, BrokerTarget, attributes, data_bytes
 
 # KEYS: stream, seen-key. ARGV: dedup seconds (0: off), maxlen (0: unbounded), then field/value
 # pairs. Returns the new entry's id, or false when the event was added within the dedup window.
@@ -42,14 +41,9 @@ return redis.call('XADD', unpack(args))
 
 class RedisTarget(BrokerTarget[tuple[redis.asyncio.Redis, AsyncScript]]):
     def __init__(self, name: str, config: RedisTargetConfig) -> None:
-        self.name = name
+        super().__init__(name, config, config.stream, "redis")
         self._config = config
-        self.binary = config.mode == "binary"
-        self._stream = topics.Namer(config.stream, "redis")
         self._ttl = max(1, round(config.dedup)) if config.dedup > 0 else 0
-        self.link: Link[tuple[redis.asyncio.Redis, AsyncScript]] = Link(
-            name, config, self._connect, self._disconnect
-        )
 
     async def _connect(self) -> tuple[redis.asyncio.Redis, AsyncScript]:
         client = redis.asyncio.Redis.from_url(
@@ -68,8 +62,7 @@ class RedisTarget(BrokerTarget[tuple[redis.asyncio.Redis, AsyncScript]]):
             raise
         return client, client.register_script(ADD)
 
-    @staticmethod
-    async def _disconnect(link: tuple[redis.asyncio.Redis, AsyncScript]) -> None:
+    async def _disconnect(self, link: tuple[redis.asyncio.Redis, AsyncScript]) -> None:
         await link[0].aclose()
 
     def fields(self, item: OutboxItem) -> list[str | bytes]:
@@ -93,7 +86,7 @@ class RedisTarget(BrokerTarget[tuple[redis.asyncio.Redis, AsyncScript]]):
         ]
 
     async def send(self, item: OutboxItem) -> None:
-        stream = self.destination(self._stream, item)
+        stream = self.destination(item)
         link = await self.link.get()
         _, add = link
         args = [self._ttl, self._config.maxlen, *self.fields(item)]
