@@ -275,19 +275,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     match args.command:
         case "check":
-            config = load_config(args.config)
-            counts = (
-                f"{len(config.sources)} sources, {len(config.targets)} targets, "
-                f"{len(config.rules)} rules"
-            )
-            if not config.sources:
-                print(f"{args.config}: ok, but it defines no sources: the bridge would watch "
-                      f"nothing ({counts})")  # fmt: skip
-            elif not config.rules:
-                print(f"{args.config}: ok, but it defines no rules: events would reach no "
-                      f"target ({counts})")  # fmt: skip
-            else:
-                print(f"{args.config}: ok ({counts})")
+            from bridge.commands.check import verdict
+
+            print(verdict(args.config, load_config(args.config)))
             return EXIT_OK
         case "run":
             from bridge.app import run_service

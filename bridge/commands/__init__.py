@@ -1,7 +1,8 @@
-"""The commands that act on a bridge from outside it, one module each: `events.py` (`bridge events
-tail|show`, `bridge explain --event`), `dlq.py` (`bridge dlq list|replay`), `send_test.py`
-(`bridge send-test`), `track.py` (`bridge track`, `bridge hash-password`). cli.py parses the
-arguments and maps what these return to exit codes; nothing here parses arguments.
+"""The commands that act on a bridge from outside it, one module each: `check.py` (`bridge check`'s
+verdict), `events.py` (`bridge events tail|show`, `bridge explain --event`), `dlq.py` (`bridge dlq
+list|replay`), `send_test.py` (`bridge send-test`), `track.py` (`bridge track`, `bridge
+hash-password`). cli.py parses the arguments and maps what these return to exit codes; nothing
+here parses arguments.
 """
 
 from __future__ import annotations
