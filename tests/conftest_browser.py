@@ -103,4 +103,4 @@ async def advance(harness: Harness, sim: Any, ticks: int) -> None:
     for _ in range(ticks):
         sim.tick()
         polls = watcher.status.polls
-        await eventually(lambda polls=polls: watcher.status.polls >= polls + 2)  # type: ignore[misc]
+        await eventually(lambda polls=polls: watcher.status.polls >= polls + 2, 30)  # type: ignore[misc]

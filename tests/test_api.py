@@ -19,7 +19,7 @@ from bridge.config import load_config
 from bridge.simulator import Simulator
 from tests import pg
 from tests.conftest_browser import SIM_KEY, Harness, advance, eventually, running_bridge
-from tests.receiver import Receiver
+from tests.receiver import Receiver, Reply
 
 TOKEN = "api-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -34,8 +34,7 @@ targets:
   hook:
     webhook: {rx}/hook
   gone:
-    webhook: http://127.0.0.1:9/hook?token=GONESECRET
-    max_attempts: 1
+    webhook: {refusing}/hook?token=GONESECRET
 rules:
   - name: all
     on: "task.*"
@@ -54,9 +53,14 @@ server:
 async def api(
     request: pytest.FixtureRequest, rx: Receiver, tmp_path: Path
 ) -> AsyncIterator[tuple[Harness, Simulator, aiohttp.ClientSession]]:
-    async with Simulator("midjourney-proxy", api_key=SIM_KEY) as sim:
+    async with (
+        Simulator("midjourney-proxy", api_key=SIM_KEY) as sim,
+        Receiver(Reply(410, b"gone for good")) as refusing,
+    ):
         rules = tmp_path / "rules.yaml"
-        rules.write_text(RULES.format(sim=sim.url, key=SIM_KEY, rx=rx.url, token=TOKEN))
+        rules.write_text(
+            RULES.format(sim=sim.url, key=SIM_KEY, rx=rx.url, refusing=refusing.url, token=TOKEN)
+        )
         if request.param == "sqlite":
             db_cm: Any = _path(str(tmp_path / "b.db"))
         else:
@@ -69,7 +73,7 @@ async def api(
             for prompt in ("first cat", "second cat", "third cat"):
                 sim.add_task(prompt, steps=1)
             await advance(harness, sim, 4)
-            await eventually(lambda: harness.running.deliverer.counts[("gone", "dead")] >= 3)
+            await eventually(lambda: harness.running.deliverer.counts[("gone", "dead")] >= 3, 30)
             yield harness, sim, http
 
 

@@ -20,7 +20,7 @@ from bridge.simulator import Simulator
 from bridge.store.history import CursorError, EventQuery, decode_cursor
 from tests import pg
 from tests.conftest_browser import SIM_KEY, Harness, advance, eventually, running_bridge
-from tests.receiver import Receiver
+from tests.receiver import Receiver, Reply
 
 RULES = """
 sources:
@@ -33,8 +33,7 @@ targets:
   hook:
     webhook: {rx}/hook
   gone:
-    webhook: http://127.0.0.1:9/hook
-    max_attempts: 1
+    webhook: {refusing}/hook
 rules:
   - name: all
     on: "task.*"
@@ -61,15 +60,18 @@ async def running(
     db: str, rx: Receiver, tmp_path: Path
 ) -> AsyncIterator[tuple[Harness, Simulator, Path]]:
     """A bridge with two tasks done: hook got every event; gone refused the successes for good."""
-    async with Simulator("midjourney-proxy", api_key=SIM_KEY) as sim:
+    async with (
+        Simulator("midjourney-proxy", api_key=SIM_KEY) as sim,
+        Receiver(Reply(410, b"gone for good")) as refusing,
+    ):
         rules = tmp_path / "rules.yaml"
-        rules.write_text(RULES.format(sim=sim.url, key=SIM_KEY, rx=rx.url))
+        rules.write_text(RULES.format(sim=sim.url, key=SIM_KEY, rx=rx.url, refusing=refusing.url))
         config = load_config(str(rules))
         async with running_bridge(config, db) as harness:
             for prompt in ("first cat", "second cat"):
                 sim.add_task(prompt, steps=1)
             await advance(harness, sim, 4)
-            await eventually(lambda: harness.running.deliverer.counts[("gone", "dead")] >= 2)
+            await eventually(lambda: harness.running.deliverer.counts[("gone", "dead")] >= 2, 30)
             yield harness, sim, rules
 
 
@@ -186,7 +188,7 @@ async def test_dlq_list_has_times_targets_a_filter_and_json(
         assert letter["event_type"] == "task.succeeded"
         assert letter["died_at"].endswith("Z")
         assert letter["created_at"] <= letter["died_at"]
-        assert "not retryable" in letter["last_error"] or "attempts" in letter["last_error"]
+        assert "HTTP 410: gone for good" in letter["last_error"]
     code, out, _ = await cli("dlq", "list", "--db", db, "--json", "--target", "hook")
     assert (code, orjson.loads(out)) == (0, [])
     code, out, _ = await cli("dlq", "list", "--db", db)

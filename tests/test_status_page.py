@@ -282,8 +282,8 @@ async def busy(
                 sim.add_task(prompt, steps=1)
             await advance(harness, sim, 4)
             counts = harness.running.deliverer.counts
-            await eventually(lambda: counts[("audit", "dead")] == 12)
-            await eventually(lambda: not harness.running.targets["archive"].up)
+            await eventually(lambda: counts[("audit", "dead")] == 12, 30)
+            await eventually(lambda: not harness.running.targets["archive"].up, 30)
             yield harness, sim, prompts
 
 
