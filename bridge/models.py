@@ -29,24 +29,6 @@ class Status(StrEnum):
     CANCEL = "CANCEL"
 
 
-class Action(StrEnum):
-    IMAGINE = "IMAGINE"
-    UPSCALE = "UPSCALE"
-    VARIATION = "VARIATION"
-    REROLL = "REROLL"
-    ZOOM = "ZOOM"
-    PAN = "PAN"
-    DESCRIBE = "DESCRIBE"
-    BLEND = "BLEND"
-    SHORTEN = "SHORTEN"
-    SWAP_FACE = "SWAP_FACE"
-    ACTION = "ACTION"
-    INPAINT = "INPAINT"
-    OUTPAINT = "OUTPAINT"
-    CUSTOM_ZOOM = "CUSTOM_ZOOM"
-    VIDEO = "VIDEO"
-
-
 # Status only moves forward: NOT_START < MODAL < SUBMITTED < IN_PROGRESS < SUCCESS|FAILURE|CANCEL.
 # An empty status (a fresh new-api row) ranks as NOT_START; an unknown one as 0 too, so it never
 # blocks a later known status and never counts as finished.

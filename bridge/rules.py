@@ -9,7 +9,7 @@ import fnmatch
 import re
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,6 @@ class CompiledRule:
     patterns: tuple[str, ...]
     conditions: tuple[Condition, ...]
     group_by: tuple[Path, ...] | None
-    titles: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, rule: RuleConfig) -> CompiledRule:
