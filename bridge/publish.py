@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from bridge.diff import TaskState
 from bridge.logs import fields
-from bridge.models import Event
+from bridge.models import Event, TaskState
 from bridge.roles import TaskStates
 from bridge.rules import Router
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from bridge.actions import UpstreamActions
 from bridge.config import SourceConfig
-from bridge.diff import DiffResult, Snapshot, TaskState, diff
+from bridge.diff import DiffResult, diff
 from bridge.errors import SourceError, StoreError
 from bridge.logs import fields
 from bridge.metrics import Metrics
-from bridge.models import Event
+from bridge.models import Event, Snapshot, TaskState
 from bridge.publish import Publisher
 from bridge.sources.health import SourceHealth, SourceStatus
 from bridge.sources.modes import Reader
