@@ -1,7 +1,8 @@
-"""Config stage: rules.yaml as pydantic models (unknown keys refused), durations, rates and
-booleans (`schema`); read within bounds with `${VAR}` substitution (`document`); `load_config`
-reports every problem at once as FILE:LINE:COL with a plain fix (`load`, `crosscheck`,
-`messages`); `ConfigWatcher` swaps in a new file only after it validates (`reload`).
+"""Config stage: rules.yaml as pydantic models, unknown keys refused (`schema`; the targets' kinds
+in `targets`; durations, rates, booleans and URLs read strictly in `values`); read within bounds
+with `${VAR}` substitution (`document`); `load_config` reports every problem at once as
+FILE:LINE:COL with a plain fix (`load`, `crosscheck`, `messages`); `ConfigWatcher` swaps in a new
+file only after it validates (`reload`).
 """
 
 from bridge.config.listen import Listen, is_loopback
@@ -9,29 +10,30 @@ from bridge.config.load import check, load_config
 from bridge.config.passwords import check_password, hash_password
 from bridge.config.reload import ConfigWatcher
 from bridge.config.schema import (
+    Config,
+    GroupConfig,
+    PassthroughConfig,
+    RuleConfig,
+    ServerAuthConfig,
+    ServerConfig,
+    SourceConfig,
+)
+from bridge.config.targets import (
     AmqpTargetConfig,
     AppriseTargetConfig,
     BrokerTargetCommon,
     BrokerTargetConfig,
     ChatTargetCommon,
-    Config,
     DiscordTargetConfig,
-    GroupConfig,
     MqttTargetConfig,
     NatsTargetConfig,
-    PassthroughConfig,
     RedisTargetConfig,
-    RuleConfig,
-    ServerAuthConfig,
-    ServerConfig,
     SlackTargetConfig,
-    SourceConfig,
     TargetCommon,
     TargetConfig,
     WebhookTargetConfig,
-    parse_duration,
-    parse_rate,
 )
+from bridge.config.values import parse_duration, parse_rate
 from bridge.errors import ConfigError, Problem
 
 __all__ = [

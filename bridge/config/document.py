@@ -301,7 +301,7 @@ class Document:
 
     def scrub(self, problem: Problem) -> Problem:
         """`problem` without any value that came from `${VAR}`: the variable is named instead."""
-        from bridge.config.schema import shown
+        from bridge.config.values import shown
 
         message = problem.message
 

@@ -17,23 +17,25 @@ from bridge.config import crosscheck
 from bridge.config.document import MAX_BYTES, Document, Loc, TooBig, compose, dotted
 from bridge.config.messages import value_message, yaml_problem
 from bridge.config.schema import (
-    TARGET_KINDS,
-    AmqpTargetConfig,
-    AppriseTargetConfig,
     Config,
-    DiscordTargetConfig,
     GroupConfig,
-    MqttTargetConfig,
-    NatsTargetConfig,
     PassthroughConfig,
-    RedisTargetConfig,
     RuleConfig,
     ServerAuthConfig,
     ServerConfig,
-    SlackTargetConfig,
     SourceConfig,
+)
+from bridge.config.targets import (
+    TARGET_KINDS,
+    AmqpTargetConfig,
+    AppriseTargetConfig,
+    DiscordTargetConfig,
+    MqttTargetConfig,
+    NatsTargetConfig,
+    RedisTargetConfig,
+    SlackTargetConfig,
     WebhookTargetConfig,
-    _target_kind,
+    target_kind,
 )
 from bridge.errors import ConfigError, Problem
 from bridge.suggest import suggest
@@ -53,7 +55,7 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
             return SourceConfig
         case ("targets", str() as name):
             value = raw.get("targets", {}).get(name) if isinstance(raw, dict) else None
-            kind = _target_kind(value).get("kind") if isinstance(value, dict) else None
+            kind = target_kind(value).get("kind") if isinstance(value, dict) else None
             models: dict[Any, type[BaseModel]] = {
                 "webhook": WebhookTargetConfig,
                 "discord": DiscordTargetConfig,

@@ -141,7 +141,7 @@ class TaskView:
         return progress_bar(self.progress)
 
 
-def _http_url(value: object) -> str | None:
+def http_url(value: object) -> str | None:
     return value if isinstance(value, str) and value.startswith(("http://", "https://")) else None
 
 
@@ -160,7 +160,7 @@ def view_of(item: OutboxItem) -> TaskView:
         prompt=str(prompt).strip(),
         action=str(task.get("action") or ""),
         progress=progress_value(task.get("progress")),
-        image_url=_http_url(task.get("imageUrl")),
+        image_url=http_url(task.get("imageUrl")),
         fail_reason=str(task.get("failReason") or "") if event.type != EventType.SUCCEEDED else "",
         took=templates.took(task) if event.type in FINAL_TYPES else "",
         source=event.source,

@@ -19,7 +19,7 @@ from apprise.attachment.memory import AttachMemory
 from apprise.manager_plugins import NotificationManager
 
 from bridge.config import AppriseTargetConfig
-from bridge.config.schema import url_secrets
+from bridge.config.values import url_secrets
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import OutboxItem, Status
 from bridge.targets.http import retryable_status

@@ -107,7 +107,7 @@ class SlackTarget(ChatTarget):
         store: MessageRefs | None = None,
     ) -> None:
         super().__init__(name, config, session, store, [config.token])
-        self._api_base = config.api_base
+        self.api_base = config.api_base
         self._channel = config.slack
         self._auth = {"Authorization": f"Bearer {config.token}"}
 
@@ -205,7 +205,7 @@ class SlackTarget(ChatTarget):
     ) -> dict[str, Any]:
         """One Web API call; the answer's JSON when `ok`. Raises MessageGone for an error in
         `gone`, else a DeliveryError saying whether to retry."""
-        url = f"{self._api_base}/{method}"
+        url = f"{self.api_base}/{method}"
         data: Any
         if form is not None:
             data, headers = form, dict(self._auth)

@@ -20,7 +20,7 @@ import orjson
 from yarl import URL
 
 from bridge.config import WebhookTargetConfig
-from bridge.config.schema import url_secrets
+from bridge.config.values import url_secrets
 from bridge.errors import DeliveryError, Redactor
 from bridge.models import OutboxItem, event_id
 from bridge.targets.http import classify, request, retry_after
