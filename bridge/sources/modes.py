@@ -60,7 +60,7 @@ class ListReader:
     note: str = ""
 
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
-        return await self.source.poll(tracked)
+        return await self.source.poll(tracked, known)
 
 
 @dataclass(slots=True)
@@ -100,7 +100,7 @@ class ActiveReader:
     async def read(self, tracked: Collection[str], known: Container[str], now: float) -> Snapshot:
         due = self.last_full is None or now - self.last_full >= self.full_every
         if self.each_poll or (self.has_list and due):
-            snapshot = await self.source.poll(tracked)
+            snapshot = await self.source.poll(tracked, known)
             self.last_full = now
             return snapshot
         with self.source.tally() as tally:

@@ -65,6 +65,12 @@ class Dropped:
 class Normalized:
     tasks: list[dict[str, Any]]
     dropped: list[Dropped] = field(default_factory=list)
+    # Rows left out because they did not change and the bridge holds them as finished (spans.py).
+    unchanged: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.tasks) + len(self.dropped) + self.unchanged
 
 
 def parse_task_list(body: Body) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -53,6 +53,7 @@ from bridge.sources.normalize import (
     normalize_tasks,
     parse_tasks,
 )
+from bridge.sources.spans import ListSpans
 
 __all__ = ["BATCH", "JunkTally", "TaskAPI", "UnusableRows"]
 
@@ -117,6 +118,7 @@ class TaskAPI:
         # Called with the reasons of the unusable rows of each read that met some (metrics).
         self.on_junk: Callable[[Counter[str]], None] | None = None
         self.list_size: int | None = None  # tasks in the last whole /mj/task/list read
+        self._spans = ListSpans()  # what the last whole read held, to skip what did not change
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -152,11 +154,22 @@ class TaskAPI:
                 self._redact(tally.describe()),
             )
 
-    async def poll(self, tracked_unfinished: Collection[str] = ()) -> Snapshot:
-        """The whole list plus lookups of the tracked unfinished tasks it did not contain."""
+    async def poll(
+        self, tracked_unfinished: Collection[str] = (), known: Container[str] = ()
+    ) -> Snapshot:
+        """The whole list plus lookups of the tracked unfinished tasks it did not contain. Tasks
+        in `known` but not in `tracked_unfinished` (held as finished) whose bytes did not change
+        since the last read are not parsed and not in the snapshot (spans.py): the diff would
+        skip them anyway."""
         with self.tally() as tally:
-            tasks = (await self._request("GET", _LIST)).tasks
-            self.list_size = len(tasks)
+            open_ = set(tracked_unfinished)
+
+            def settled(tid: str) -> bool:
+                return tid in known and tid not in open_
+
+            read = await self._request("GET", _LIST, settled=settled)
+            tasks = read.tasks
+            self.list_size = read.rows
             missing: frozenset[str] = frozenset()
             if tracked_unfinished:
                 ids = {task["id"] for task in tasks}
@@ -269,12 +282,22 @@ class TaskAPI:
         where, _, content_type, payload = await self._send(method, path, orjson.dumps(body))
         return where, json_object(where, content_type, payload, "a JSON object")
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Normalized:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        settled: Callable[[str], bool] | None = None,
+    ) -> Normalized:
         data = None if body is None else orjson.dumps(body)
         where, _, content_type, payload = await self._send(method, path, data)
         refuse_html(where, content_type, payload)
         try:
-            result = parse_tasks(payload)
+            if settled is None:
+                result = parse_tasks(payload)
+            else:
+                result = self._spans.parse(payload, settled)
         except SourceError as exc:
             raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
         return self._usable(where, result)
@@ -282,7 +305,7 @@ class TaskAPI:
     def _usable(self, where: str, result: Normalized) -> Normalized:
         """A list of junk only is a bad payload, never an empty list; some junk joins the tally."""
         if result.dropped:
-            if not result.tasks:
+            if not result.tasks and not result.unchanged:
                 reasons = Counter(d.reason for d in result.dropped)
                 raise UnusableRows(
                     f"{where}: none of the {len(result.dropped)} rows is a usable task "

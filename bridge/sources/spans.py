@@ -1,0 +1,126 @@
+"""Reading a task list without parsing what did not change. Pipeline: **source** -> snapshot.
+
+A finished task's bytes are the same from poll to poll, and the bridge already holds it as
+finished, so the diff would skip it after two lookups anyway: parsing it again is most of a poll's
+cost. `ListSpans.parse` splits the list's JSON array into one byte span per task, hashes each, and
+parses only the spans it has not seen in the previous read, plus those of tasks the bridge does not
+hold as finished (`settled(id)` is False: new, unfinished, tracked, or a change that failed to
+commit). Unchanged settled tasks are left out of the result (`Normalized.unchanged` counts them):
+the diff has nothing to do for them.
+
+Why the split cannot change the answer: the array is split at `}, {"<first key>":` (JSON
+whitespace allowed around the comma), where the first key is the first object's first key (`id`
+on every server seen). Each span becomes `{"<key>":` + span + `}` again. If every span parses on
+its own as a JSON value, the whole body is `[` value `,` value ... `]`, which is valid JSON with
+exactly those items (JSON's grammar is unambiguous), so the result equals a full parse, even when
+the separator happened to sit inside a string or a nested object. A span seen in the previous read
+parsed then, byte for byte (same hash and length). Anything else (a span that does not parse, a
+body that is not `[{"key": ...}]`, a first key that is not a plain name) falls back to the full
+parse of normalize.py, with its errors. The hash is Python's keyed SipHash of the span: an upstream
+cannot aim a collision at a key it does not know (PYTHONHASHSEED left random, the default).
+
+Memory kept between reads: one hash, length and id per task of the last read (about 100 B a
+task), never the parsed tasks nor the previous body.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from bridge.sources.normalize import Body, Dropped, Normalized, normalize_tasks, parse_tasks
+
+__all__ = ["ListSpans"]
+
+_WS = b" \t\n\r"  # JSON's whitespace (not \v nor \f, which bytes.strip would also take)
+_HEAD = re.compile(rb'[ \t\n\r]*\[[ \t\n\r]*\{[ \t\n\r]*"([A-Za-z_][A-Za-z0-9_]{0,63})"[ \t\n\r]*:')
+
+
+def _close(data: bytes) -> int:
+    """Where the last object's closing brace is, when the body ends `}]` (whitespace allowed)."""
+    end = len(data)
+    for want in b"]}":
+        while end and data[end - 1] in _WS:
+            end -= 1
+        if not end or data[end - 1] != want:
+            return -1
+        end -= 1
+    return end
+
+
+class _Unexpected(Exception):
+    """The body is not the shape the split expects: parse it whole."""
+
+
+class ListSpans:
+    """The span hashes of one source's last list read. Not thread-safe; one per TaskAPI."""
+
+    __slots__ = ("_key", "_seen", "_sep", "fallbacks")
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[int, str]] = {}  # hash(span) -> (len(span), task id)
+        self._key = b""
+        self._sep: re.Pattern[bytes] | None = None
+        self.fallbacks = 0  # reads parsed whole because the split did not fit (for tests)
+
+    def parse(self, body: Body, settled: Callable[[str], bool]) -> Normalized:
+        """The list's tasks, as `parse_tasks(body)` gives them, less the unchanged tasks for which
+        `settled(id)` is True. Raises what `parse_tasks` raises for a bad body."""
+        try:
+            return self._split(body, settled)
+        except _Unexpected:
+            self.fallbacks += 1
+            self._seen = {}
+            return parse_tasks(body)
+
+    def _separator(self, key: bytes) -> re.Pattern[bytes]:
+        if self._sep is None or key != self._key:
+            ws = rb"[ \t\n\r]*"
+            self._sep = re.compile(
+                rb"\}" + ws + b"," + ws + rb"\{" + ws + b'"' + key + b'"' + ws + b":"
+            )
+            self._key = key
+        return self._sep
+
+    def _split(self, body: Body, settled: Callable[[str], bool]) -> Normalized:
+        data = bytes(body)
+        head = _HEAD.match(data)
+        end = _close(data)
+        if head is None or end <= head.end():
+            raise _Unexpected
+        prefix = b'{"' + head.group(1) + b'":'
+        spans = self._separator(head.group(1)).split(data[head.end() : end])
+        seen = self._seen
+        kept: dict[int, tuple[int, str]] = {}
+        items: list[Any] = []
+        where: list[int] = []
+        hashes: list[tuple[int, int]] = []
+        unchanged = 0
+        for index, span in enumerate(spans):
+            key = hash(span)
+            known = seen.get(key)
+            if known is not None and known[0] == len(span) and settled(known[1]):
+                kept[key] = known
+                unchanged += 1
+                continue
+            try:
+                item = orjson.loads(prefix + span + b"}")
+            except orjson.JSONDecodeError:
+                raise _Unexpected from None
+            items.append(item)
+            where.append(index)
+            hashes.append((key, len(span)))
+        result = normalize_tasks(items, strict=True)
+        if result.dropped:
+            dropped = [Dropped(where[d.index], d.reason) for d in result.dropped]
+            bad = {d.index for d in result.dropped}
+            hashes = [h for i, h in enumerate(hashes) if i not in bad]
+        else:
+            dropped = []
+        for (key, size), task in zip(hashes, result.tasks, strict=True):
+            kept[key] = (size, task["id"])
+        self._seen = kept
+        return Normalized(result.tasks, dropped, unchanged)
