@@ -348,9 +348,8 @@ class Deliverer:
             await self._store.mark_retry(item.id, next_at, message)
             self._count(lane.name, "retry")
             log.debug(
-                "%s: %s; retry %s in %.2fs",
-                lane.name,
-                message,
+                "%s; retry %s in %.2fs",
+                message if message.startswith(f"{lane.name}: ") else f"{lane.name}: {message}",
                 item.id,
                 next_at - now,
                 extra=self._fields(lane, item, attempts),
