@@ -220,3 +220,19 @@ async def test_a_database_that_comes_up_late_is_waited_for() -> None:
             proxy = await starting
             proxy.close()
             await proxy.wait_closed()
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_command_on_a_database_the_bridge_never_used_says_so(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bridge.cli import main
+
+    parts = urlsplit(url)
+    with_password = urlunsplit(
+        parts._replace(netloc=f"postgres:pw-secret-42@{parts.hostname}:{parts.port or 5432}")
+    )
+    assert await asyncio.to_thread(main, ["dlq", "list", "--db", with_password]) == 1
+    said = capsys.readouterr().err
+    assert "holds no bridge tables" in said and "bridge run" in said
+    assert "pw-secret-42" not in said and "bridge_schema" not in said

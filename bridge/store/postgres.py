@@ -161,6 +161,11 @@ class PostgresStore(PostgresOutbox):
     async def _migrate(self, *, apply: bool) -> None:
         async def run(conn: Any) -> None:
             if not apply:
+                if await conn.fetchval("SELECT to_regclass('bridge_schema')") is None:
+                    raise StoreError(
+                        f"the database {self._where} holds no bridge tables (is it the one "
+                        "`bridge run --db` uses? `bridge run` creates them at its first start)"
+                    )
                 version = await conn.fetchval("SELECT max(version) FROM bridge_schema")
                 if version != len(POSTGRES_MIGRATIONS):
                     raise StoreError(
