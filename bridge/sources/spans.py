@@ -39,7 +39,7 @@ _WS = b" \t\n\r"  # JSON's whitespace (not \v nor \f, which bytes.strip would al
 _HEAD = re.compile(rb'[ \t\n\r]*\[[ \t\n\r]*\{[ \t\n\r]*"([A-Za-z_][A-Za-z0-9_]{0,63})"[ \t\n\r]*:')
 
 
-def _close(data: bytes) -> int:
+def _close(data: Body) -> int:
     """Where the last object's closing brace is, when the body ends `}]` (whitespace allowed)."""
     end = len(data)
     for want in b"]}":
@@ -86,33 +86,41 @@ class ListSpans:
         return self._sep
 
     def _split(self, body: Body, settled: Callable[[str], bool]) -> Normalized:
-        data = bytes(body)
-        head = _HEAD.match(data)
-        end = _close(data)
+        head = _HEAD.match(body)
+        end = _close(body)
         if head is None or end <= head.end():
             raise _Unexpected
         prefix = b'{"' + head.group(1) + b'":'
-        spans = self._separator(head.group(1)).split(data[head.end() : end])
+        separator = self._separator(head.group(1))
         seen = self._seen
         kept: dict[int, tuple[int, str]] = {}
         items: list[Any] = []
         where: list[int] = []
         hashes: list[tuple[int, int]] = []
         unchanged = 0
-        for index, span in enumerate(spans):
-            key = hash(span)
-            known = seen.get(key)
-            if known is not None and known[0] == len(span) and settled(known[1]):
-                kept[key] = known
-                unchanged += 1
-                continue
-            try:
-                item = orjson.loads(prefix + span + b"}")
-            except orjson.JSONDecodeError:
-                raise _Unexpected from None
-            items.append(item)
-            where.append(index)
-            hashes.append((key, len(span)))
+        index = 0
+        # One span at a time (a copy of its bytes, hashed, then dropped): the read never holds a
+        # second copy of the whole answer.
+        with memoryview(body) as view:
+            start = head.end()
+            bounds = [(m.start(), m.end()) for m in separator.finditer(body, start, end)]
+            bounds.append((end, end))
+            for stop, after in bounds:
+                span = bytes(view[start:stop])
+                start = after
+                key = hash(span)
+                known = seen.get(key)
+                if known is not None and known[0] == len(span) and settled(known[1]):
+                    kept[key] = known
+                    unchanged += 1
+                else:
+                    try:
+                        items.append(orjson.loads(prefix + span + b"}"))
+                    except orjson.JSONDecodeError:
+                        raise _Unexpected from None
+                    where.append(index)
+                    hashes.append((key, len(span)))
+                index += 1
         result = normalize_tasks(items, strict=True)
         if result.dropped:
             dropped = [Dropped(where[d.index], d.reason) for d in result.dropped]
