@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import Row, brokers, delivery, diff, latency, report, upstream
+from bench import Row, brokers, delivery, diff, latency, process, report, upstream
 
 FIGURES: dict[str, tuple[str, Callable[[bool], list[Row]]]] = {
     "diff": ("Diff: parse + normalise + diff of one poll", diff.run),
@@ -20,6 +20,7 @@ FIGURES: dict[str, tuple[str, Callable[[bool], list[Row]]]] = {
     "brokers": ("Brokers: durable outbox into NATS, RabbitMQ, Redis and MQTT", brokers.run),
     "latency": ("End-to-end latency: a task changes -> the webhook arrives", latency.run),
     "upstream": ("Upstream cost in steady state", upstream.run),
+    "process": ("The whole process: memory, start-up, retention", process.run),
 }
 
 

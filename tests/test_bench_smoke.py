@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from bench import Row, brokers, delivery, diff, latency, report, upstream
+from bench import Row, brokers, delivery, diff, latency, process, report, upstream
 
 
 @pytest.mark.parametrize(
     "run",
-    [diff.run, delivery.run, brokers.run, latency.run, upstream.run],
-    ids=["diff", "delivery", "brokers", "latency", "upstream"],
+    [diff.run, delivery.run, brokers.run, latency.run, upstream.run, process.run],
+    ids=["diff", "delivery", "brokers", "latency", "upstream", "process"],
 )
 def test_figure_runs_at_a_tiny_size(run: Callable[[bool], list[Row]]) -> None:
     rows = run(True)
