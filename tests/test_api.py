@@ -179,6 +179,10 @@ async def test_the_api_reads_events_tasks_and_dead_letters(
         status, body = await get(http, path, **params)
         assert status == 400, (path, params)
         assert body["error"]
+    for limit in ("-1", "0", "100000", "ten"):
+        status, body = await get(http, "/api/events", limit=limit)
+        assert status == 400
+        assert body["error"] == "limit must be a whole number from 1 to 1000"
     assert (await get(http, "/api/events/evt_nope"))[0] == 404
     assert (await get(http, "/api/tasks/mj/nope"))[0] == 404
     assert (await get(http, "/api/events/"))[0] == 404

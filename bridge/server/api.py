@@ -87,10 +87,13 @@ def _time(request: web.Request, name: str) -> float | None:
 
 
 def _limit(request: web.Request) -> int:
-    value = _one(request, "limit")
-    if value is None:
+    values = request.query.getall("limit", [])
+    if len(values) > 1:
+        raise _BadQuery("limit may be given once")
+    if not values:
         return DEFAULT_LIMIT
-    if not 1 <= int(value) <= MAX_LIMIT:
+    value = values[0]
+    if not (_SHAPES["limit"].fullmatch(value) and 1 <= int(value) <= MAX_LIMIT):
         raise _BadQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
