@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from bridge.config import Config, ConfigWatcher
+from bridge.config.listen import is_loopback
 from bridge.deliver import Deliverer
 from bridge.errors import BridgeError, ConfigError, StoreError
 from bridge.lanes import TargetHealth
@@ -182,6 +183,17 @@ class Bridge:
                     raise _ListenFailed(
                         f"cannot listen on {config.server.listen}: {reason}"
                     ) from exc
+                if not is_loopback(config.server.listen.host):
+                    for s in config.sources:
+                        if s.push_token is not None and len(s.push_token) < 16:
+                            log.warning(
+                                "%s: push_token has %d characters and the server listens on %s: "
+                                "whoever guesses it can push and /track; use 16 or more random "
+                                "characters (${MJ_PUSH_TOKEN})",
+                                s.name,
+                                len(s.push_token),
+                                config.server.listen,
+                            )
             async with asyncio.TaskGroup() as group:
                 polls = [
                     group.create_task(self._fatal(self._lead(w, store))) for w in watchers.values()

@@ -16,7 +16,14 @@ import pytest
 
 from bridge.config import Config, ServerConfig, hash_password
 from bridge.simulator import Simulator
-from tests.conftest_browser import SIM_KEY, Harness, eventually, make_config, running_bridge
+from tests.conftest_browser import (
+    PUSH_TOKEN,
+    SIM_KEY,
+    Harness,
+    eventually,
+    make_config,
+    running_bridge,
+)
 from tests.receiver import Receiver, Reply
 
 TOKEN = "operator-token-0123456789"
@@ -198,6 +205,11 @@ async def test_every_bound_address_is_logged_and_insecure_is_said(
             assert all(line.endswith("(every interface)") for line in bound)
             assert any("http://0.0.0.0:" in line for line in bound)
             assert any("server.insecure: anyone who reaches" in line for line in lines)
+            # The tests' push token is 14 characters: guessable on a network, and said so.
+            weak = [r.getMessage() for r in caplog.records if "push_token has" in r.getMessage()]
+            assert len(weak) == 1
+            assert weak[0].startswith("mj: push_token has 14 characters")
+            assert PUSH_TOKEN not in weak[0]
             assert harness.url.startswith("http://127.0.0.1:")
 
 
