@@ -14,7 +14,15 @@ from pydantic import (
     field_validator,
 )
 
-from bridge.config.values import Bool, Duration, PositiveDuration, Rate, Strict, http_url
+from bridge.config.values import (
+    Bool,
+    Duration,
+    PositiveDuration,
+    Rate,
+    Strict,
+    http_url,
+    url_parts_problem,
+)
 
 
 class TargetCommon(Strict):
@@ -138,19 +146,11 @@ def broker_url_problem(value: str, kind: str) -> str | None:
     expected = " or ".join(f"{s}://" for s in schemes)
     if not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#]+", value):
         return f"must be a URL such as {schemes[0]}://host"
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:  # urlsplit's own words would quote the URL
-        if "IPv6" in str(exc):
-            return "has a malformed [IPv6] host (a bracket is missing or misplaced)"
-        return "has an invalid port (expected a number from 1 to 65535)"
+    parts, problem = url_parts_problem(value)
+    if parts is None:
+        return problem
     if parts.scheme.lower() not in schemes:
         return f"must start with {expected}"
-    if not parts.hostname:
-        return "has no host"
-    if port == 0:
-        return "has an invalid port (expected a number from 1 to 65535)"
     if kind == "redis" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
         return "has a database that is not a number (redis://host:6379/0)"
     return None

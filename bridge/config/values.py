@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -92,23 +92,28 @@ def parse_rate(value: object) -> tuple[int, float]:
     raise ValueError("expected a rate such as 30/min, 5/s or 100/h")
 
 
-def http_url_problem(value: str) -> str | None:
-    """Why `value` is not an http(s) URL the bridge can connect to, or None. Never echoes the
-    value: it may carry credentials."""
-    if not re.match(r"^https?://[^\s/?#]+", value):
-        return "must be an http:// or https:// URL"
+def url_parts_problem(value: str) -> tuple[SplitResult | None, str | None]:
+    """`value` split into its parts, or why it cannot be connected to: a malformed host or port,
+    or no host. Never echoes the value: it may carry credentials."""
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as exc:  # urlsplit's own words would quote the URL
         if "IPv6" in str(exc):
-            return "has a malformed [IPv6] host (a bracket is missing or misplaced)"
-        return "has an invalid port (expected a number from 1 to 65535)"
+            return None, "has a malformed [IPv6] host (a bracket is missing or misplaced)"
+        return None, "has an invalid port (expected a number from 1 to 65535)"
     if not parts.hostname:
-        return "has no host"
+        return None, "has no host"
     if port == 0:
-        return "has an invalid port (expected a number from 1 to 65535)"
-    return None
+        return None, "has an invalid port (expected a number from 1 to 65535)"
+    return parts, None
+
+
+def http_url_problem(value: str) -> str | None:
+    """Why `value` is not an http(s) URL the bridge can connect to, or None."""
+    if not re.match(r"^https?://[^\s/?#]+", value):
+        return "must be an http:// or https:// URL"
+    return url_parts_problem(value)[1]
 
 
 def http_url(value: str) -> str:

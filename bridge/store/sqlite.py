@@ -12,7 +12,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -100,17 +100,12 @@ class SqliteStore(SqliteOutbox):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
         if readonly:
-            try:
+            async with _closed_on_error(db, f"cannot read the database {path}"):
                 await db.execute("PRAGMA busy_timeout=5000")
                 store = cls(db, path)
                 await store._check_version()
-            except BaseException as exc:
-                await db.close()
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"cannot read the database {path}: {exc}") from exc
-                raise
             return store
-        try:
+        async with _closed_on_error(db, f"cannot open the database {path}"):
             # Before anything creates the file's first page (later it changes nothing): an event is
             # about 2 KB of JSON, and a 4 KiB page (SQLite's default) holds only one of them with
             # half the page left empty; at 8 KiB three fit. Storing a snapshot then writes about
@@ -132,11 +127,6 @@ class SqliteStore(SqliteOutbox):
             await db.create_function("id_hash", 1, id_hash, deterministic=True)  # migrations
             store = cls(db, path)
             await store._migrate()
-        except BaseException as exc:
-            await db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"cannot open the database {path}: {exc}") from exc
-            raise
         return store
 
     async def _version(self) -> int:
@@ -404,3 +394,16 @@ class SqliteStore(SqliteOutbox):
             time.time(),
         )
         return (str(rows[0][0]), float(rows[0][1]) - time.time()) if rows else None
+
+
+@contextlib.asynccontextmanager
+async def _closed_on_error(db: aiosqlite.Connection, doing: str) -> AsyncIterator[None]:
+    """Setting up a just-opened connection: on any failure close it; a database error is a
+    `StoreError` that says what was being done."""
+    try:
+        yield
+    except BaseException as exc:
+        await db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{doing}: {exc}") from exc
+        raise
