@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -23,9 +23,8 @@ from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.simulator import Simulator
 from bridge.sources.poll import TaskAPI
-from bridge.store import Store, open_store
+from bridge.store import Store
 from bridge.watch import Watcher
-from tests import pg
 from tests.hostile import CHUNK, HostileUpstream, deep
 from tests.process import BridgeProcess
 from tests.receiver import Receiver, make_event
@@ -270,16 +269,6 @@ def test_bridge_check_never_builds_a_template_constant(tmp_path: Path) -> None:
     code, peak_kib = out.stdout.split()[-2:]
     assert code == "0", out.stderr
     assert int(peak_kib) < 300 * 1024, f"bridge check peaked at {int(peak_kib) // 1024} MiB"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        async with await open_store(str(tmp_path / "bridge.db")) as s:
-            yield s
-        return
-    async with pg.database() as url, await open_store(url) as s:
-        yield s
 
 
 async def test_a_template_over_a_limit_is_stored_as_a_dead_letter(store: Store) -> None:
