@@ -166,8 +166,8 @@ class Delivery:
     body: str
     group: str | None = None
     not_before: datetime | None = None
-    # Set when the rule's template went over a limit of the sandbox: the delivery is stored as a
-    # dead letter with this reason (publish.Publisher), carrying the default title and body.
+    # Set when the rule's template went over a limit of the sandbox: `Store.commit` stores the
+    # delivery as a dead letter with this reason, carrying the default title and body.
     error: str | None = None
 
 

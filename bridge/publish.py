@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 
 from bridge.logs import fields
 from bridge.models import Event, TaskState
@@ -16,8 +15,6 @@ from bridge.roles import TaskStates
 from bridge.rules import Router
 
 log = logging.getLogger("bridge.watch")
-
-_NEVER = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -40,20 +37,15 @@ class Publisher:
         seen: bool = True,
     ) -> list[Event]:
         deliveries = self.router.route(events, now) if events else []
-        failed = [d for d in deliveries if d.error is not None]
-        if failed:
-            # A template over a sandbox limit: stored as never due, then made a dead letter with
-            # the reason (a crash in between leaves it pending and unsent, never sent).
-            deliveries = [replace(d, not_before=_NEVER) if d.error else d for d in deliveries]
+        # A delivery whose template went over a sandbox limit carries `error`: the commit stores
+        # it as a dead letter with that reason, in the transaction that stores its event.
         new = await self.store.commit(
             source, states, events, deliveries, seen=seen, progress=self.wake
         )
-        if failed:
-            stored = {event.id for event in new}
-            for d in failed:
-                if d.event.id in stored and d.error is not None:
-                    log.error("%s: %s", d.target, d.error, extra=fields(source=source))
-                    await self.store.mark_dead(d.id, d.error)
+        stored = {event.id for event in new}
+        for d in deliveries:
+            if d.error is not None and d.event.id in stored:
+                log.error("%s: %s", d.target, d.error, extra=fields(source=source))
         if deliveries:
             self.wake()
         for event in new:

@@ -4,6 +4,7 @@ deliveries go on, and SIGTERM still stops it cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import subprocess
@@ -11,10 +12,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
+from bridge.commands.dlq import list_command, replay_command
 from bridge.config import Config
 from bridge.errors import SourceError
 from bridge.metrics import Metrics
@@ -23,8 +27,9 @@ from bridge.publish import Publisher
 from bridge.rules import Router
 from bridge.simulator import Simulator
 from bridge.sources.poll import TaskAPI
-from bridge.store import Store
+from bridge.store import Store, open_store
 from bridge.watch import Watcher
+from tests import pg
 from tests.hostile import CHUNK, HostileUpstream, deep
 from tests.process import BridgeProcess
 from tests.receiver import Receiver, make_event
@@ -271,27 +276,90 @@ def test_bridge_check_never_builds_a_template_constant(tmp_path: Path) -> None:
     assert int(peak_kib) < 300 * 1024, f"bridge check peaked at {int(peak_kib) // 1024} MiB"
 
 
+SPIN = Config.model_validate(
+    {
+        "targets": {"spin": "json://127.0.0.1:9/a", "fine": "json://127.0.0.1:9/b"},
+        "rules": [
+            {"name": "r", "on": "*", "to": "spin", "body": "{{ 'x' * 10**9 }}"},
+            {"name": "ok", "on": "*", "to": "fine"},
+        ],
+    }
+)
+SPUN = "rule 'r': template stopped: a repetition of 1,000,000,000 characters"
+
+
 async def test_a_template_over_a_limit_is_stored_as_a_dead_letter(store: Store) -> None:
-    config = Config.model_validate(
-        {
-            "targets": {"spin": "json://127.0.0.1:9/a", "fine": "json://127.0.0.1:9/b"},
-            "rules": [
-                {"name": "r", "on": "*", "to": "spin", "body": "{{ 'x' * 10**9 }}"},
-                {"name": "ok", "on": "*", "to": "fine"},
-            ],
-        }
-    )
-    publisher = Publisher(store, Router(config), lambda: None)
+    publisher = Publisher(store, Router(SPIN), lambda: None)
     event = make_event(1)
     await publisher.publish("mj", {}, [event], now=time.time())
     await publisher.publish("mj", {}, [event], now=time.time())  # re-detected: nothing new
     dead = await store.dead_letters()
-    assert [(d.target, d.last_error) for d in dead] == [
-        ("spin", "rule 'r': template stopped: a repetition of 1,000,000,000 characters")
-    ]
+    assert [(d.target, d.last_error) for d in dead] == [("spin", SPUN)]
     assert "Prompt: cat 1" in dead[0].body  # the default text, for a replay once fixed
     assert await store.claim("spin", time.time(), 10) == []
     assert [i.target for i in await store.claim("fine", time.time(), 10)] == ["fine"]
+
+
+class Crash(Exception):
+    """The process died here."""
+
+
+class DiesAfterCommit:
+    """The store as a process sees it that is killed the moment its first commit returns:
+    nothing it would send the database after that gets there."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.committed = False
+
+    async def commit(self, *args: Any, **kwargs: Any) -> list[Event]:
+        if self.committed:
+            raise Crash("commit after the crash")
+        new = await self.store.commit(*args, **kwargs)
+        self.committed = True
+        return new
+
+    def __getattr__(self, name: str) -> Any:
+        if self.committed:
+            raise Crash(f"{name} after the crash")
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_crash_right_after_the_commit_keeps_the_template_dead_letter(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The delivery of a template over a limit is stored dead, with its reason, by the commit
+    that stores its event: killed right after that commit, the bridge has left a dead letter that
+    `bridge dlq list` shows and `bridge dlq replay` sends with the default text (it once left a
+    pending row that was never due, never sent and never listed)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "sqlite":
+            db = str(tmp_path / "bridge.db")
+        else:
+            db = await stack.enter_async_context(pg.database())
+        event = make_event(1)
+        async with await open_store(db) as store:
+            publisher = Publisher(DiesAfterCommit(store), Router(SPIN), lambda: None)
+            await publisher.publish("mj", {}, [event], now=time.time())
+        capsys.readouterr()
+
+        assert await list_command(db, None, as_json=False) == 0
+        listing = capsys.readouterr().out
+        assert "template stopped: a repetition of 1,000,000,000 characters" in listing
+        assert "1 dead letter" in listing
+        assert await list_command(db, None, as_json=True) == 0
+        [row] = orjson.loads(capsys.readouterr().out)
+        assert (row["target"], row["rule"], row["last_error"]) == ("spin", "r", SPUN)
+        assert row["attempts"] == 0  # nothing was sent
+
+        assert await replay_command(db, [row["id"]], False) == 0
+        assert "replayed 1 dead letter" in capsys.readouterr().out
+        async with await open_store(db) as store:
+            [item] = await store.claim("spin", time.time(), 10)
+            assert item.id == row["id"]
+            assert "Prompt: cat 1" in item.body  # the default text
+            assert await store.dead_letters() == []
 
 
 @pytest.mark.parametrize("endless", [False, True], ids=["large", "endless"])

@@ -178,7 +178,8 @@ class Store(ABC):
         seen: bool,
     ) -> list[Event]:
         """ONE transaction: upsert `states`, insert those of `events` not stored yet, and the
-        `deliveries` (all of them of `events`) of the new ones. Returns the new events."""
+        `deliveries` (all of them of `events`) of the new ones, those with an `error` (a template
+        over a limit) as dead letters with that reason. Returns the new events."""
 
     # -- outbox -----------------------------------------------------------------------------
 

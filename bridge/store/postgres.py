@@ -284,13 +284,16 @@ class PostgresStore(PostgresOutbox):
                     new_ids = {r[0] for r in rows}
                 owed = [d for d in deliveries if d.event.id in new_ids]
                 if owed:
+                    # A delivery whose template failed is a dead letter from the start, stored
+                    # so in this same transaction.
                     await conn.execute(
                         'INSERT INTO outbox (id, target, rule, event_id, title, body, "group", '
-                        "created_at, next_at, updated_at) SELECT u.id, u.target, u.rule, "
-                        "u.event_id, u.title, u.body, u.g, $8, u.next_at, $8 FROM unnest("
-                        "$1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
-                        "$7::text[], $9::float8[]) "
-                        "AS u(id, target, rule, event_id, title, body, g, next_at) "
+                        "created_at, next_at, updated_at, state, last_error) SELECT u.id, "
+                        "u.target, u.rule, u.event_id, u.title, u.body, u.g, $8, u.next_at, $8, "
+                        "CASE WHEN u.error IS NULL THEN 'pending' ELSE 'dead' END, u.error "
+                        "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+                        "$6::text[], $7::text[], $9::float8[], $10::text[]) "
+                        "AS u(id, target, rule, event_id, title, body, g, next_at, error) "
                         "ON CONFLICT (id) DO NOTHING",
                         [d.id for d in owed],
                         [d.target for d in owed],
@@ -301,6 +304,7 @@ class PostgresStore(PostgresOutbox):
                         [d.group for d in owed],
                         now,
                         [d.not_before.timestamp() if d.not_before else now for d in owed],
+                        [d.error for d in owed],
                     )
                 if seen:
                     await conn.execute(

@@ -279,17 +279,20 @@ class SqliteStore(SqliteOutbox):
                     now,
                     d.not_before.timestamp() if d.not_before else now,
                     now,
+                    "pending" if d.error is None else "dead",
+                    d.error,
                 )
                 for d in deliveries
                 if d.event.id in new_ids
             ]
             if rows:
-                # Only the new events' deliveries: none of them can be stored already.
+                # Only the new events' deliveries: none of them can be stored already. One whose
+                # template failed is a dead letter from the start, in this same transaction.
                 await db.executemany(
                     "INSERT INTO outbox (id, target, rule, event_seq, title, body, "
-                    '"group", created_at, next_at, updated_at) '
+                    '"group", created_at, next_at, updated_at, state, last_error) '
                     "VALUES (?, ?, ?, (SELECT seq FROM events WHERE h = ? AND id = ?), "
-                    "?, ?, ?, ?, ?, ?)",
+                    "?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             if seen:
