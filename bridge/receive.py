@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from aiohttp import web
@@ -36,13 +36,23 @@ class Key:
     key: bytes
 
 
+def _path(url: str) -> str:
+    """A target URL's path as the server sees a request's (percent-decoded)."""
+    return unquote(urlsplit(url).path) or "/"
+
+
 def keys_of(config: Config) -> list[Key]:
     """The signing keys of the config's webhook targets (those without a secret sign nothing)."""
     out = []
     for name, target in config.targets.items():
         if isinstance(target, WebhookTargetConfig) and target.secret:
-            out.append(Key(name, urlsplit(target.webhook).path or "/", signing_key(target.secret)))
+            out.append(Key(name, _path(target.webhook), signing_key(target.secret)))
     return out
+
+
+def webhook_paths(config: Config) -> set[str]:
+    """The paths of every webhook target of the config, with a secret or without."""
+    return {_path(t.webhook) for t in config.targets.values() if isinstance(t, WebhookTargetConfig)}
 
 
 def chat_paths(config: Config) -> dict[str, str]:
@@ -52,7 +62,7 @@ def chat_paths(config: Config) -> dict[str, str]:
         if isinstance(target, AppriseTargetConfig) and target.url.startswith(
             ("json://", "jsons://")
         ):
-            out[urlsplit(target.url).path or "/"] = name
+            out[_path(target.url)] = name
     return out
 
 
@@ -76,18 +86,27 @@ def verify(keys: Iterable[Key], path: str, headers: Any, body: bytes, now: float
     return None
 
 
+def _printable(path: str) -> str:
+    """A request's path as the terminal may show it: control characters (a caller's escape
+    sequences) written out, not obeyed."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in path)
+
+
 def _paint(text: str, colour: str) -> str:
     return f"{colour}{text}{RESET}" if sys.stdout.isatty() else text
 
 
 @dataclass
 class Sink:
-    """The receiving end. `events` holds every verified event (CloudEvents JSON); `chats` every
-    chat notification as (target, title, message)."""
+    """The receiving end. `events` holds every verified event (CloudEvents JSON); `notes` every
+    chat notification as (target, title, message). Only the targets' paths are served (the
+    keys', `chats` and `webhooks`, the paths of webhook targets without a secret): any other is
+    404 Not Found, whatever the request, so signatures are judged only where a target posts."""
 
     keys: list[Key]
     chats: dict[str, str] = field(default_factory=dict)
     show: Callable[[str], None] = print
+    webhooks: set[str] = field(default_factory=set)
     events: list[dict[str, Any]] = field(default_factory=list)
     notes: list[tuple[str, str, str]] = field(default_factory=list)
     refused: int = 0
@@ -96,7 +115,7 @@ class Sink:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application(client_max_size=16 * 1024 * 1024)
-        app.router.add_post("/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host or None, port).start()
@@ -111,8 +130,15 @@ class Sink:
             self._runner = None
 
     async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
         path = request.path
+        if not self._serves(path):
+            # Before the body is read or a header looked at: an unknown path says only this.
+            line = f"  ✗ {request.method} {_printable(path)}: no target of the config posts here"
+            self.show(_paint(line + " (404)", RED))
+            return web.Response(status=404, text="not found\n")
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        body = await request.read()
         if "webhook-signature" in request.headers or path not in self.chats:
             return self._webhook(request, path, body)
         try:
@@ -128,15 +154,24 @@ class Sink:
         self.show(_paint(f"  ✉ {target}: {title}" + (f" | {first}" if first else ""), DIM))
         return web.Response(text="ok")
 
+    def _serves(self, path: str) -> bool:
+        return path in self.chats or path in self.webhooks or any(k.path == path for k in self.keys)
+
     def _webhook(self, request: web.Request, path: str, body: bytes) -> web.Response:
         if not self.keys:
             self.refused += 1
-            self.show(_paint(f"  ✗ POST {path}: no webhook target with a secret to verify", RED))
+            self.show(
+                _paint(
+                    f"  ✗ POST {_printable(path)}: no webhook target with a secret to verify", RED
+                )
+            )
             return web.Response(status=401, text="no key to verify this webhook with\n")
         target = verify(self.keys, path, request.headers, body, time.time())
         if target is None:
             self.refused += 1
-            self.show(_paint(f"  ✗ POST {path}: the signature does not verify; refused", RED))
+            self.show(
+                _paint(f"  ✗ POST {_printable(path)}: the signature does not verify; refused", RED)
+            )
             return web.Response(status=401, text="signature does not verify\n")
         try:
             data = orjson.loads(body)
@@ -161,7 +196,12 @@ def _listen(value: str) -> tuple[str, int]:
 
 async def receive(config: Config | None, listen: str, show: Callable[[str], None] = print) -> int:
     """Run the sink until SIGINT/SIGTERM."""
-    sink = Sink(keys_of(config) if config else [], chat_paths(config) if config else {}, show)
+    sink = Sink(
+        keys_of(config) if config else [],
+        chat_paths(config) if config else {},
+        show,
+        webhook_paths(config) if config else set(),
+    )
     host, port = _listen(listen)
     url = await sink.start(host, port)
     names = ", ".join(k.target for k in sink.keys) or "none: webhooks are refused"
