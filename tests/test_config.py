@@ -327,7 +327,7 @@ def test_listening_beyond_loopback_without_auth_is_refused(tmp_path: Path, liste
     path = write(tmp_path, f"server:\n  listen: '{listen}'\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path, {})
-    assert f"{path}:2:3: server: server.listen {listen} reaches beyond this machine" in str(
+    assert f"{path}:2:11: server.listen: '{listen}' reaches beyond this machine" in str(
         caught.value
     )
     assert "insecure: true" in str(caught.value)
@@ -335,6 +335,30 @@ def test_listening_beyond_loopback_without_auth_is_refused(tmp_path: Path, liste
     insecure = load_config(write(tmp_path, f"server:\n  listen: '{listen}'\n  insecure: true\n"))
     assert insecure.server is not None
     assert insecure.server.insecure
+
+
+@pytest.mark.parametrize(
+    ("text", "at"),
+    [
+        ("retention: 1d\nserver:\n  max_connections: 10\n  header_timeout: 5s\n"
+         "  listen: 0.0.0.0:8787\n", "5:11"),
+        ("server: {max_connections: 10, listen: ':8787'}\n", "1:39"),
+        ("server:\n  insecure: false\n  listen: ${MJ_LISTEN}\n", "3:11"),
+    ],
+    ids=["after-other-keys", "flow-mapping", "from-a-variable"],
+)  # fmt: skip
+def test_listening_beyond_loopback_without_auth_names_the_listen_key(
+    tmp_path: Path, text: str, at: str
+) -> None:
+    """Not the `server:` mapping, nor its first key: the listen value the user wrote."""
+    path = write(tmp_path, text)
+    problems = check(path, {"MJ_LISTEN": "0.0.0.0:8787"})
+    assert [f"{p.line}:{p.column}" for p in problems] == [at]
+    assert problems[0].message.startswith("server.listen: ")
+    assert "reaches beyond this machine" in problems[0].message
+    if "MJ_LISTEN" in text:
+        assert "0.0.0.0" not in problems[0].message  # a value from ${VAR} is named, not shown
+        assert "${MJ_LISTEN}" in problems[0].message
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from bridge.config.targets import (
     WebhookTargetConfig,
     target_kind,
 )
+from bridge.config.values import KeyProblem
 from bridge.errors import ConfigError, Problem
 from bridge.suggest import suggest
 
@@ -91,6 +92,8 @@ def _value(raw: Any, loc: Loc) -> Any:
 def _validation_problems(doc: Document, raw: Any, exc: ValidationError) -> None:
     for error in exc.errors():
         loc: Loc = tuple(error["loc"])
+        if isinstance(about := error.get("ctx", {}).get("error"), KeyProblem):
+            loc = (*loc, about.key)
         if len(loc) >= 3 and loc[0] == "targets" and loc[2] in TARGET_KINDS:
             loc = loc[:2] + loc[3:]  # the discriminated union's tag is not in the file
         kind = error["type"]

@@ -29,9 +29,11 @@ from bridge.config.targets import (
 from bridge.config.values import (
     Bool,
     Duration,
+    KeyProblem,
     PositiveDuration,
     Strict,
     http_url,
+    shown,
     url_secrets,
 )
 
@@ -138,10 +140,11 @@ class ServerConfig(Strict):
     @model_validator(mode="after")
     def _protected(self) -> ServerConfig:
         if self.auth is None and not self.insecure and not is_loopback(self.listen.host):
-            raise ValueError(
-                f"server.listen {self.listen} reaches beyond this machine, and there is no "
+            raise KeyProblem(
+                "listen",
+                f"{shown(str(self.listen))} reaches beyond this machine, and there is no "
                 "server.auth: anyone on the network could read the status page and replay. "
-                "Add server.auth (a token or users), listen on 127.0.0.1, or say insecure: true"
+                "Add server.auth (a token or users), listen on 127.0.0.1, or say insecure: true",
             )
         return self
 

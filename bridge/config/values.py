@@ -133,6 +133,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class KeyProblem(ValueError):
+    """What a model's own check (one that needs several of its keys) finds wrong with one key:
+    the loader reports it at that key's value, not at the model's mapping."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 def url_secrets(url: str) -> list[str]:
     """A webhook or apprise URL whole, and its path and query: where such URLs keep their tokens,
     so they count as secrets wherever they appear (a library's log line shows them without the
