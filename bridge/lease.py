@@ -1,6 +1,12 @@
 """Around the poll loop: with several replicas on one store, each source is polled by exactly one
 of them. `while_leader` runs the poll loop only while this process holds the source's lease in
 the store, and stops it the moment the lease is lost.
+
+The renewal shares the event loop with the poll, so a stretch of work that holds the loop (a
+first contact with 100,000 tasks) delays it: the lease lasts at least MIN_TTL whatever the poll
+interval, the heavy parts of a poll run off the loop (sources/poll.py, watch.py), and a renewal
+answered late still counts. The store's answer decides, not the stall: a renewal succeeds only
+while the lease row still names this holder, so no other replica took it meanwhile.
 """
 
 from __future__ import annotations
@@ -15,12 +21,20 @@ from bridge.roles import Leases
 
 log = logging.getLogger("bridge.lease")
 
-MIN_TTL = 0.3
+#: Seconds a source's lease lasts at least. It must outlast what delays a renewal, which does not
+#: shrink with the poll interval: a database round trip (or a retry of one), a garbage collection
+#: or a stretch of CPU-heavy work on the event loop, on a busy host. 0.3 s (1.5 intervals of
+#: 200 ms) did not, and a replica lost its lease in the middle of every long first poll.
+MIN_TTL = 5.0
+
+#: Steps of a renewal's patience (see `_renew`): how often a renewal in flight is looked at.
+_STEPS = 20
 
 
 def lease_ttl(poll_interval: float) -> float:
-    """The lease of a source lasts 1.5 poll intervals and is renewed every third of that, so
-    a replica that dies is replaced within 1.5 intervals (plus one poll) of its last renewal."""
+    """The lease of a source lasts 1.5 poll intervals, at least MIN_TTL, and is renewed every
+    third of that: a replica that dies is replaced within that long (plus one poll) of its last
+    renewal."""
     return max(MIN_TTL, 1.5 * poll_interval)
 
 
@@ -93,14 +107,13 @@ async def _lead(
                 return True
             asked = loop.time()
             try:
-                async with asyncio.timeout(period):
-                    held = await store.renew_lease(name, holder, ttl)
+                held = await _renew(store, name, holder, ttl, period)
             except (StoreError, TimeoutError) as exc:
                 # Unknown: keep running while the lease surely lasts past the next check.
                 if loop.time() + period < renewed + ttl:
-                    log.warning("%s: lease not renewed (%s); trying again", name, exc)
+                    log.warning("%s: lease not renewed (%s); trying again", name, _why(exc))
                     continue
-                log.warning("%s: lease not renewed (%s) and about to expire", name, exc)
+                log.warning("%s: lease not renewed (%s) and about to expire", name, _why(exc))
                 return False
             if not held:
                 return False
@@ -113,3 +126,30 @@ async def _lead(
         with contextlib.suppress(StoreError, TimeoutError):
             async with asyncio.timeout(ttl):
                 await store.release_lease(name, holder)
+
+
+async def _renew(store: Leases, name: str, holder: str, ttl: float, patience: float) -> bool:
+    """The store's answer to one renewal; TimeoutError when it gave none within `patience`
+    seconds of a running event loop. A stall of this process (the loop held by other work) counts
+    as one short step, not as its length: the answer, when it comes, still says whether another
+    holder took the lease meanwhile, and a True one means none did."""
+    loop = asyncio.get_running_loop()
+    step, left = patience / _STEPS, patience
+    renewal = asyncio.ensure_future(store.renew_lease(name, holder, ttl))
+    try:
+        while not renewal.done() and left > 0:
+            before = loop.time()
+            await asyncio.wait([renewal], timeout=step)
+            left -= min(loop.time() - before, step)
+        if not renewal.done():
+            raise TimeoutError(f"no answer from the store within {patience:.1f}s")
+        return renewal.result()
+    finally:
+        if not renewal.done():
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(renewal, return_exceptions=True)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
