@@ -31,6 +31,10 @@ from bridge.sources.probe import choose_reader
 
 log = logging.getLogger("bridge.watch")
 
+# A snapshot of more tasks than this is diffed in a worker thread, off the event loop (a first
+# contact with 100,000 tasks diffs for about half a second); a smaller one takes a few ms at most.
+OFF_LOOP_TASKS = 2000
+
 
 class Watcher:
     """One source. Owns its task states (loaded from the store at start) and serialises every
@@ -157,17 +161,24 @@ class Watcher:
                 previous = _Hiding(self.states, sighted)
                 self._fresh -= sighted
 
-        def run() -> DiffResult:
-            return diff(
-                self.config.name,
-                previous,
-                snapshot,
-                now=now,
-                stall_after=self.config.stall_after,
-                silent=silent,
-            )
+        async def run() -> DiffResult:
+            def work() -> DiffResult:
+                return diff(
+                    self.config.name,
+                    previous,
+                    snapshot,
+                    now=now,
+                    stall_after=self.config.stall_after,
+                    silent=silent,
+                )
 
-        result = run()
+            # The states change only under the lock, held until the diff is done (a diff whose
+            # poll was cancelled meanwhile is thrown away, whatever it met).
+            if len(snapshot.tasks) > OFF_LOOP_TASKS:
+                return await asyncio.to_thread(work)
+            return work()
+
+        result = await run()
         junk = _unstorable(result.events)
         if junk:
             # Rows the store cannot hold are junk like rows without an id: skipped (so no state
@@ -180,7 +191,7 @@ class Watcher:
                 snapshot.complete,
             )
             self._fresh |= sighted & junk.keys()
-            result = run()
+            result = await run()
         events = [*extra, *result.events]
         if not result.changed and not events and self._seen:
             return []

@@ -17,6 +17,7 @@ tasks it looked for; its junk is logged once, in one warning line and counted in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterator, Sequence
@@ -64,6 +65,10 @@ _LIST = LIST_PATH
 _BY_IDS = "/mj/task/list-by-condition"
 _QUEUE = "/mj/task/queue"
 _QUERY = "/mj/task/query"
+# Answers larger than this are parsed in a worker thread, off the event loop: a first contact with
+# 100,000 tasks parses for seconds, and on the loop it would hold up the lease renewal (lease.py),
+# the deliveries and the HTTP server all that time. Below it a parse takes a few ms at most.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 class UnusableRows(SourceError):
@@ -293,11 +298,14 @@ class TaskAPI:
         data = None if body is None else orjson.dumps(body)
         where, _, content_type, payload = await self._send(method, path, data)
         refuse_html(where, content_type, payload)
-        try:
+
+        def parse() -> Normalized:
             if settled is None:
-                result = parse_tasks(payload)
-            else:
-                result = self._spans.parse(payload, settled)
+                return parse_tasks(payload)
+            return self._spans.parse(payload, settled)
+
+        try:
+            result = await asyncio.to_thread(parse) if len(payload) > OFF_LOOP_BYTES else parse()
         except SourceError as exc:
             raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
         return self._usable(where, result)

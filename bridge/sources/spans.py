@@ -26,6 +26,7 @@ task), never the parsed tasks nor the previous body.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +57,14 @@ class _Unexpected(Exception):
 
 
 class ListSpans:
-    """The span hashes of one source's last list read. Not thread-safe; one per TaskAPI."""
+    """The span hashes of one source's last list read; one per TaskAPI. Large reads are parsed in
+    a worker thread (poll.py), and one that a lost lease abandoned may still run when the next
+    starts: a lock keeps them one at a time."""
 
-    __slots__ = ("_key", "_seen", "_sep", "fallbacks")
+    __slots__ = ("_key", "_lock", "_seen", "_sep", "fallbacks")
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._seen: dict[int, tuple[int, str]] = {}  # hash(span) -> (len(span), task id)
         self._key = b""
         self._sep: re.Pattern[bytes] | None = None
@@ -69,12 +73,13 @@ class ListSpans:
     def parse(self, body: Body, settled: Callable[[str], bool]) -> Normalized:
         """The list's tasks, as `parse_tasks(body)` gives them, less the unchanged tasks for which
         `settled(id)` is True. Raises what `parse_tasks` raises for a bad body."""
-        try:
-            return self._split(body, settled)
-        except _Unexpected:
-            self.fallbacks += 1
-            self._seen = {}
-            return parse_tasks(body)
+        with self._lock:
+            try:
+                return self._split(body, settled)
+            except _Unexpected:
+                self.fallbacks += 1
+                self._seen = {}
+                return parse_tasks(body)
 
     def _separator(self, key: bytes) -> re.Pattern[bytes]:
         if self._sep is None or key != self._key:
