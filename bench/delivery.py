@@ -29,7 +29,7 @@ from bridge.rules import Router
 from bridge.simulator import Simulator
 from bridge.sources.normalize import parse_tasks
 from bridge.store import Store
-from bridge.targets import build_target
+from bridge.targets import build_target, close_targets
 from bridge.targets.notify import load_plugins
 
 CONCURRENCY = 16  # sends in flight, the same for every contender
@@ -110,6 +110,7 @@ async def ours(events: list[Event], url: str, store: Store) -> float:
         finally:
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
+            await close_targets(targets.values())
     depth = await store.outbox_depth()
     if depth:
         raise RuntimeError(f"outbox not drained: {depth}")

@@ -256,6 +256,14 @@ ERRORS = [
         id="webhook-port-not-a-number",
     ),
     pytest.param(
+        "targets:\n  hook:\n    webhook: http://h/x\n    headers: {X-Key: \"a\\r\\nHost: evil\"}\n",
+        4, 14, "header X-Key: its value holds a line break", id="webhook-header-line-break",
+    ),
+    pytest.param(
+        "targets:\n  hook:\n    webhook: http://h/x\n    headers: {'X Key': a}\n", 4, 14,
+        "header name 'X Key' is not a valid HTTP header name", id="webhook-header-name",
+    ),
+    pytest.param(
         "sources:\n  - name: mj\n    base_url: http://h:99999\n", 3, 15,
         "sources[0].base_url: has an invalid port", id="base-url-port-range",
     ),

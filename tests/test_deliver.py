@@ -21,7 +21,7 @@ from bridge.deliver import Deliverer
 from bridge.errors import DeliveryError, Redactor
 from bridge.lanes import TokenBucket, backoff, units, why_give_up
 from bridge.store import OutboxItem, Store
-from bridge.targets import Target, build_target
+from bridge.targets import Target, build_target, close_targets
 from tests.receiver import Receiver, Reply, make_delivery, make_event
 
 
@@ -49,6 +49,7 @@ async def running(
     finally:
         await deliverer.drain(2.0)
         await task
+        await close_targets(targets.values())
 
 
 @asynccontextmanager

@@ -222,7 +222,7 @@ async def test_timeout_is_retryable(rx: Receiver, session: aiohttp.ClientSession
 async def test_connection_refused_is_retryable(session: aiohttp.ClientSession) -> None:
     config = WebhookTargetConfig(webhook="http://127.0.0.1:9/hook?token=s3cr3t-token")
     with pytest.raises(DeliveryError) as info:
-        await WebhookTarget("hook", config, session).send(item())
+        await WebhookTarget("hook", config).send(item())
     assert info.value.retryable
     assert "s3cr3t" not in str(info.value)
 
@@ -251,7 +251,7 @@ def test_retry_after_forms() -> None:
 async def test_invalid_whsec_secret_is_refused(session: aiohttp.ClientSession) -> None:
     config = WebhookTargetConfig(webhook="http://127.0.0.1:9/", secret="whsec_***not base64***")
     with pytest.raises(ValueError, match="base64"):
-        WebhookTarget("hook", config, session)
+        WebhookTarget("hook", config)
 
 
 @pytest.mark.parametrize(("status", "retryable"), [(200, None), (503, True), (400, False)])

@@ -20,6 +20,7 @@ from bridge.config.values import (
     PositiveDuration,
     Rate,
     Strict,
+    http_headers,
     http_url,
     url_parts_problem,
 )
@@ -61,6 +62,7 @@ class WebhookTargetConfig(TargetCommon):
     type_prefix: str = Field(default="", max_length=100, pattern=r"^[A-Za-z0-9._:/-]*$")
 
     _webhook = field_validator("webhook")(http_url)
+    _headers = field_validator("headers")(http_headers)
 
 
 # A Discord webhook URL: https://discord.com/api/webhooks/{id}/{token}, optionally ?thread_id=...

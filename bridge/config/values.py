@@ -122,6 +122,28 @@ def http_url(value: str) -> str:
     return value
 
 
+# An HTTP header name is an RFC 9110 token; a line break or NUL in a value would end the header
+# and start another (request smuggling).
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+HEADER_BREAK = re.compile(r"[\r\n\x00]")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent as it is, or None. Never echoes the value (a token)."""
+    if not HEADER_NAME.match(name):
+        return f"header name {name!r} is not a valid HTTP header name"
+    if HEADER_BREAK.search(value):
+        return f"header {name}: its value holds a line break or NUL"
+    return None
+
+
+def http_headers(value: dict[str, str]) -> dict[str, str]:
+    for name, text in value.items():
+        if problem := header_problem(name, text):
+            raise ValueError(problem)
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # Intervals and timeouts where 0 makes no sense (`poll_interval: 0` would poll in a busy loop).
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]

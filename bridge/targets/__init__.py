@@ -59,7 +59,7 @@ def build_target(
     chat: DiscordTarget | SlackTarget | AppriseTarget
     match config:
         case WebhookTargetConfig():
-            return WebhookTarget(name, config, session)
+            return WebhookTarget(name, config)
         case AppriseTargetConfig():
             chat = AppriseTarget(name, config, session)
             chat.private_images = private_images
@@ -94,8 +94,8 @@ def build_target(
 
 
 async def close_targets(targets: Iterable[Target]) -> None:
-    """Close what targets hold of their own (a broker target's connection). The HTTP targets
-    hold nothing: they use the process's session."""
+    """Close what targets hold of their own: a broker target's connection, a webhook target's
+    keep-alive connections. The other HTTP targets use the process's session."""
     for target in targets:
         aclose = getattr(target, "aclose", None)
         if aclose is not None:
