@@ -5,6 +5,7 @@ it answers on each connection."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import subprocess
 import time
@@ -146,6 +147,22 @@ async def test_the_request_is_what_a_server_expects(made: Callable[..., WebhookT
     assert req.headers["x-team"] == "art"
     assert req.headers["webhook-id"] == sent.event.id
     assert req.body == sent.payload
+
+
+async def test_credentials_in_the_url_are_sent_as_basic_auth_and_never_shown(
+    made: Callable[..., WebhookTarget],
+) -> None:
+    async with Receiver() as rx:
+        url = rx.url.replace("http://", "http://pipe:s3cr%C3%A9t@") + "/hook"
+        await made(url).send(item())
+        [req] = await rx.wait_for(1)
+        assert (
+            req.headers["authorization"]
+            == "Basic " + base64.b64encode("pipe:s3cr\u00e9t".encode()).decode()
+        )
+    with pytest.raises(DeliveryError) as caught:
+        await made("http://pipe:s3cret@127.0.0.1:9/hook").send(item())
+    assert "s3cret" not in str(caught.value)
 
 
 async def test_a_kept_connection_the_server_dropped_is_replaced(

@@ -96,6 +96,9 @@ class WebhookTarget:
             ("User-Agent", f"mj-bridge/{__version__}"),
             *((k, v) for k, v in config.headers.items() if k.lower() not in OWN_HEADERS),
         ]
+        if url.user is not None:  # https://user:password@host/...: HTTP Basic, as browsers do
+            basic = f"{url.user}:{url.password or ''}".encode()
+            self._fixed.append(("Authorization", "Basic " + base64.b64encode(basic).decode()))
         check_headers(self._fixed)  # the config checks them too, with the line to fix
         self._binary = config.mode == "binary"
         self._prefix = config.type_prefix
