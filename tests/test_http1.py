@@ -185,6 +185,26 @@ async def test_a_kept_connection_the_server_dropped_is_replaced(
         assert server.requests[1] == server.requests[2]
 
 
+async def test_an_unused_connection_is_closed_after_a_while(
+    made: Callable[..., WebhookTarget], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.targets.http1.KEEP_IDLE", 0.2)
+    hung_up = asyncio.Event()
+
+    async def watched(
+        server: Scripted, reader: asyncio.StreamReader, w: asyncio.StreamWriter
+    ) -> None:
+        await keep_alive(server, reader, w)
+        hung_up.set()  # the bridge closed it: no request was pending
+
+    async with Scripted(watched) as server:
+        hook = made(server.url)
+        await hook.send(item(1))
+        await asyncio.wait_for(hung_up.wait(), 5)  # closed unasked, about 0.2 s later
+        await hook.send(item(2))
+        assert server.connections == 2
+
+
 async def test_a_new_connection_closed_before_an_answer_is_a_retryable_failure(
     made: Callable[..., WebhookTarget],
 ) -> None:

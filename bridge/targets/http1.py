@@ -11,7 +11,8 @@ Reading an answer is bounded like every read of the bridge: its head to MAX_HEAD
 MAX_ANSWER (the rest is never read: the connection is closed), the whole exchange to `timeout`.
 A connection that was kept alive and turns out closed before any byte of the answer came (the
 server dropped it while idle) is replaced and the request sent once more: a webhook is sent at
-least once under one `webhook-id`, so the receiver tells the repeat.
+least once under one `webhook-id`, so the receiver tells the repeat. A connection unused for
+KEEP_IDLE (15 s) is closed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from bridge.config.values import header_problem
 from bridge.targets.http import MAX_ANSWER, Answer
 
 MAX_HEAD = 64 * 1024  # the status line and headers of an answer
+# An unused connection is closed after this long (aiohttp's keep-alive default too): the receiver
+# is not left holding it, and a connection its server has long forgotten is not tried.
+KEEP_IDLE = 15.0
 
 
 class HTTPError(Exception):
@@ -55,6 +59,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False  # has carried a whole exchange before: a keep-alive connection
+        self.idle_since = 0.0  # loop time it went back to the pool
         self._limit = limit
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Answer] | None = None
@@ -163,7 +168,9 @@ class Origin:
     """Keep-alive connections to the scheme, host and port of `url`. As many connections as
     requests in flight at once; idle ones are reused, newest first."""
 
-    def __init__(self, url: URL, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, url: URL, *, ssl_context: ssl.SSLContext | None = None, limit: int = MAX_ANSWER
+    ) -> None:
         if url.scheme not in ("http", "https") or not url.raw_host:
             raise ValueError(f"not an http(s) URL: {url.scheme}://...")
         self._host = url.raw_host
@@ -173,39 +180,39 @@ class Origin:
             self._ssl = ssl_context or ssl.create_default_context()
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.authority = host if url.explicit_port is None else f"{host}:{self._port}"
-        self._idle: list[_Connection] = []
+        self._limit = limit  # of an answer's body
+        self._idle: list[_Connection] = []  # oldest first
         self._all: set[_Connection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
         self,
         head: bytes,
         body: bytes,
         timeout: float,  # noqa: ASYNC109 (one timer per exchange, cheaper than asyncio.timeout)
-        *,
-        limit: int = MAX_ANSWER,
     ) -> Answer:
         """Send `head` (request line and headers, ending in an empty line) and `body` on a pooled
-        connection; the answer, its body to `limit` bytes. Raises HTTPError or TimeoutError."""
+        connection; the answer, its body to the Origin's `limit`. Raises HTTPError or
+        TimeoutError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            return await self._exchange(loop, head + body, deadline, limit)
+            return await self._exchange(loop, head + body, deadline)
         except HTTPError as exc:
             if not exc.stale:
                 raise
-        return await self._exchange(loop, head + body, deadline, limit, fresh=True)
+        return await self._exchange(loop, head + body, deadline, fresh=True)
 
     async def _exchange(
         self,
         loop: asyncio.AbstractEventLoop,
         data: bytes,
         deadline: float,
-        limit: int,
         fresh: bool = False,
     ) -> Answer:
-        conn = None if fresh else self._take()
+        conn = None if fresh else self._take(loop.time())
         if conn is None:
-            conn = await self._connect(loop, deadline, limit)
+            conn = await self._connect(loop, deadline)
         waiter: asyncio.Future[Answer] = loop.create_future()
         timer = loop.call_at(deadline, conn.abort, TimeoutError())
         try:
@@ -220,20 +227,36 @@ class Origin:
         if conn.closed:
             self._all.discard(conn)
         else:
+            conn.idle_since = loop.time()
             self._idle.append(conn)
+            if self._sweep is None:
+                self._sweep = loop.call_at(conn.idle_since + KEEP_IDLE, self._close_idle, loop)
         return answer
 
-    def _take(self) -> _Connection | None:
+    def _take(self, now: float) -> _Connection | None:
+        """The newest idle connection still open, or None."""
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+            usable = conn.transport is not None and not conn.transport.is_closing()
+            if not conn.closed and usable and now - conn.idle_since < KEEP_IDLE:
                 return conn
+            conn.abort(HTTPError("idle too long"))
             self._all.discard(conn)
         return None
 
-    async def _connect(
-        self, loop: asyncio.AbstractEventLoop, deadline: float, limit: int
-    ) -> _Connection:
+    def _close_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connections unused for KEEP_IDLE; look again when the next one will be."""
+        self._sweep = None
+        now = loop.time()
+        while self._idle and (self._idle[0].closed or now - self._idle[0].idle_since >= KEEP_IDLE):
+            conn = self._idle.pop(0)
+            conn.abort(HTTPError("idle too long"))
+            self._all.discard(conn)
+        if self._idle:
+            self._sweep = loop.call_at(self._idle[0].idle_since + KEEP_IDLE, self._close_idle, loop)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+        limit = self._limit
         try:
             async with asyncio.timeout_at(deadline):
                 _, conn = await loop.create_connection(
@@ -251,6 +274,9 @@ class Origin:
 
     async def aclose(self) -> None:
         """Close every connection, idle or busy."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._all):
             conn.abort(HTTPError("closed"))
         self._all.clear()
