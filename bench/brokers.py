@@ -108,6 +108,8 @@ async def broker(kind: str, tag: str) -> AsyncIterator[tuple[dict[str, Any], Pub
                 await client.aclose()
         case _:
             async with aiomqtt.Client("127.0.0.1", 1883, protocol=aiomqtt.ProtocolVersion.V5) as c:
+                # As the bridge's target does: no warning for each publish past 10 in flight.
+                c.pending_calls_threshold = CONCURRENCY
 
                 async def publish(event_id: str, body: bytes) -> None:
                     await c.publish(tag + "/mj/task.succeeded", body, qos=1)

@@ -6,6 +6,7 @@ what to do without a password in them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ async def test_binary_mode_moves_attributes_beside_the_data(kind: str) -> None:
         assert got.headers[prefix + "type"] == "task.succeeded"
         assert got.headers[prefix + "source"] == "bridge/mj"
         assert got.headers[prefix + "specversion"] == "1.0"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sends_in_flight_up_to_concurrency_log_nothing(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiomqtt warned "There are N pending publish calls." for every publish past 10 in flight:
+    # a target with concurrency 16 filled the log with one line per event.
+    caplog.set_level("INFO")
+    async with Sink(kind) as sink:
+        target, _ = target_of("t", sink.target(concurrency=16))
+        try:
+            await asyncio.gather(*(target.send(item_of(n)) for n in range(16)))
+            await asyncio.gather(*(target.send(item_of(n)) for n in range(16, 32)))
+        finally:
+            await close_targets([target])
+        await sink.wait_for(32)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.parametrize("kind", ["nats", "redis"])

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import SourceError
+from bridge.sources import spans as spans_module
 from bridge.sources.normalize import parse_tasks
 from bridge.sources.spans import ListSpans
 
@@ -113,6 +114,34 @@ def test_a_second_read_skips_only_unchanged_settled_tasks(
     assert [t for t in tasks if t["id"] not in settled_ids] == [
         t for t in got_tasks if t["id"] not in settled_ids
     ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(TASKS, TASKS, LAYOUT, st.data())
+def test_an_answer_read_in_place_or_span_by_span_gives_the_same_result(
+    first: list[dict[str, Any]], extra: list[dict[str, Any]], layout: str, data: st.DataObject
+) -> None:
+    # Up to WHOLE_COPY an answer is hashed in place; past it, span by span from copies. The same
+    # spans must hash alike either way: a source's answers move across the size now and then.
+    before = render(first, layout)
+    kept = data.draw(st.lists(st.sampled_from(first), max_size=8)) if first else []
+    after = render([*extra, *kept], layout)
+    settled = data.draw(st.sets(st.sampled_from(["0", "1", "x", "y"]))).__contains__
+    results = []
+    for whole_copy in (spans_module.WHOLE_COPY, 0):
+        saved, spans_module.WHOLE_COPY = spans_module.WHOLE_COPY, whole_copy
+        try:
+            spans = ListSpans()
+            for body in (bytearray(before), bytearray(after)):
+                try:
+                    result = spans.parse(body, settled)
+                except SourceError as exc:
+                    results.append(exc.reason)
+                else:
+                    results.append((result.tasks, result.dropped, result.unchanged))
+        finally:
+            spans_module.WHOLE_COPY = saved
+    assert results[:2] == results[2:]
 
 
 def test_unchanged_finished_tasks_are_not_parsed_again() -> None:

@@ -37,6 +37,12 @@ from bridge.sources.normalize import Body, Dropped, Normalized, normalize_tasks,
 __all__ = ["ListSpans"]
 
 _WS = b" \t\n\r"  # JSON's whitespace (not \v nor \f, which bytes.strip would also take)
+# A span of a `bytes` answer is hashed in place (a memoryview hashes its bytes as `bytes` does);
+# a bytearray's view cannot be hashed, and copying each span out costs an allocation a task (over
+# pymalloc's 512 bytes, so glibc's, slow in a heap a large poll fragmented). So a bytearray answer
+# up to this size is copied to `bytes` once; a larger one keeps the copy per span and never holds
+# a second copy of the whole.
+WHOLE_COPY = 64 * 1024 * 1024
 _HEAD = re.compile(rb'[ \t\n\r]*\[[ \t\n\r]*\{[ \t\n\r]*"([A-Za-z_][A-Za-z0-9_]{0,63})"[ \t\n\r]*:')
 
 
@@ -96,6 +102,9 @@ class ListSpans:
         if head is None or end <= head.end():
             raise _Unexpected
         prefix = b'{"' + head.group(1) + b'":'
+        if isinstance(body, bytearray) and len(body) <= WHOLE_COPY:
+            body = bytes(body)
+        in_place = isinstance(body, bytes)
         separator = self._separator(head.group(1))
         seen = self._seen
         kept: dict[int, tuple[int, str]] = {}
@@ -104,18 +113,19 @@ class ListSpans:
         hashes: list[tuple[int, int]] = []
         unchanged = 0
         index = 0
-        # One span at a time (a copy of its bytes, hashed, then dropped): the read never holds a
-        # second copy of the whole answer.
+        # One span at a time (hashed in place, or a copy of its bytes hashed and dropped): a large
+        # answer is never held twice.
         with memoryview(body) as view:
             start = head.end()
             bounds = [(m.start(), m.end()) for m in separator.finditer(body, start, end)]
             bounds.append((end, end))
             for stop, after in bounds:
-                span = bytes(view[start:stop])
+                span = view[start:stop] if in_place else bytes(view[start:stop])
+                size = stop - start
                 start = after
                 key = hash(span)
                 known = seen.get(key)
-                if known is not None and known[0] == len(span) and settled(known[1]):
+                if known is not None and known[0] == size and settled(known[1]):
                     kept[key] = known
                     unchanged += 1
                 else:
@@ -124,7 +134,7 @@ class ListSpans:
                     except orjson.JSONDecodeError:
                         raise _Unexpected from None
                     where.append(index)
-                    hashes.append((key, len(span)))
+                    hashes.append((key, size))
                 index += 1
         result = normalize_tasks(items, strict=True)
         if result.dropped:

@@ -41,6 +41,9 @@ class MqttTarget(BrokerTarget[aiomqtt.Client]):
             timeout=self._config.timeout,
             tls_context=ssl.create_default_context() if tls else None,
         )
+        # aiomqtt warns "There are N pending publish calls." on every publish past 10 awaiting
+        # their PUBACK; the lane keeps `concurrency` in flight by design, so only more is news.
+        client.pending_calls_threshold = self._config.concurrency
         await client.__aenter__()
         return client
 
