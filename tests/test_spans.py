@@ -109,7 +109,9 @@ def test_a_second_read_skips_only_unchanged_settled_tasks(
     assert all(task in tasks for task in got_tasks)
     left_out = [task for task in tasks if task not in got_tasks]
     assert all(task["id"] in settled_ids for task in left_out)
-    assert all(orjson.dumps(task) in before or task in first for task in left_out)
+    # ... and one the previous read had, as it normalised it (an id 0 became "0").
+    previous = full(before)
+    assert all(task in previous[0] for task in left_out) if left_out else True
     # Nothing that is not settled is ever left out.
     assert [t for t in tasks if t["id"] not in settled_ids] == [
         t for t in got_tasks if t["id"] not in settled_ids
