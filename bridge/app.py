@@ -20,8 +20,8 @@ import aiohttp
 from bridge.config import Config, ConfigWatcher
 from bridge.config.listen import is_loopback
 from bridge.deliver import Deliverer
+from bridge.deliver.lanes import TargetHealth
 from bridge.errors import BridgeError, ConfigError, StoreError
-from bridge.lanes import TargetHealth
 from bridge.lease import lease_ttl, source_lease, while_leader
 from bridge.logs import redact_with
 from bridge.metrics import Metrics

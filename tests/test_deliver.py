@@ -18,8 +18,8 @@ from bridge.commands.dlq import format_dead_letters, list_command, replay_comman
 from bridge.commands.send_test import send_test, send_test_command
 from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer
+from bridge.deliver.lanes import TokenBucket, backoff, units, why_give_up
 from bridge.errors import DeliveryError, Redactor
-from bridge.lanes import TokenBucket, backoff, units, why_give_up
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target, close_targets
 from tests.receiver import Receiver, Reply, make_delivery, make_event

@@ -1,6 +1,6 @@
 """A target's lane in the deliver stage, what it is and how it is paced: backoff after failures,
 the token bucket of `rate_limit`, claimed items grouped into messages (digests), the target's
-health, and when a failed delivery is given up. deliver.py runs the lanes.
+health, and when a failed delivery is given up. The deliverer (__init__.py) runs the lanes.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.config import TargetConfig
+from bridge.deliver.lanes import Lane, TargetHealth, backoff, bucket_for, units, why_give_up
 from bridge.errors import DeliveryError, redact
-from bridge.lanes import Lane, TargetHealth, backoff, bucket_for, units, why_give_up
 from bridge.logs import fields
 from bridge.models import OutboxItem
 from bridge.roles import Outbox
