@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from bridge.config import TargetConfig
+from bridge.deliver.acks import Acks
 from bridge.deliver.lanes import Lane, TargetHealth, backoff, bucket_for, units, why_give_up
 from bridge.errors import DeliveryError, redact
 from bridge.logs import fields
@@ -26,11 +27,6 @@ log = logging.getLogger(__name__)
 # What each attempt's outcome is called in metrics: a retry is a temporary failure, a dead letter
 # a permanent one (refused for good, or out of attempts or age).
 OUTCOMES = {"sent": "sent", "retry": "temporary_failure", "dead": "permanent_failure"}
-# Acks wait this long for company before they are written: one transaction then marks a few
-# hundred sends instead of a few each, which leaves the database to claims. A crash in between
-# only re-sends them, under the same webhook-id.
-ACK_GATHER = 0.05
-ACK_BATCH = 1024
 
 
 class Deliverer:
@@ -65,10 +61,7 @@ class Deliverer:
         # Deliveries may also appear without a wake() (e.g. `bridge dlq replay` from another
         # process), so an idle lane looks again after this many seconds.
         self._idle = idle
-        self._acks: list[str] = []
-        self._ack_signal = asyncio.Event()
-        self._ack_full = asyncio.Event()
-        self._lanes_done = False
+        self._acks = Acks(store)
         self._stopping = False
         self._running = False
         self._done = asyncio.Event()
@@ -89,13 +82,14 @@ class Deliverer:
         """Deliver until cancelled or drained."""
         if self._running:
             raise RuntimeError("Deliverer.run() is already running")
-        self._running, self._stopping, self._lanes_done = True, False, False
+        self._running, self._stopping = True, False
+        self._acks = acks = Acks(self._store)
         self._done.clear()
         try:
             # Only the process that delivers takes back what a gone process left claimed.
             await self._store.recover()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._acker())
+                tg.create_task(acks.run())
                 keeper = tg.create_task(self._store.keep_claims())
                 try:
                     async with asyncio.TaskGroup() as lanes:
@@ -103,13 +97,11 @@ class Deliverer:
                             lanes.create_task(self._lane(lane))
                 finally:
                     keeper.cancel()
-                    self._lanes_done = True
-                    self._ack_signal.set()
-                    self._ack_full.set()
+                    acks.close()
         finally:
             try:
                 # Acks first: a delivery the target accepted must not be handed back as unsent.
-                await self._flush_acks()
+                await acks.flush()
                 held = [i for lane in self._lanes for i in lane.held]
                 if held:
                     await self._store.release(held)
@@ -231,10 +223,7 @@ class Deliverer:
         else:
             ids = [i.id for i in unit]
             lane.held.difference_update(ids)
-            self._acks.extend(ids)
-            self._ack_signal.set()
-            if len(self._acks) >= ACK_BATCH:
-                self._ack_full.set()
+            self._acks.add(ids)
             self._count(lane.name, "sent", len(ids))
             self._accepted(lane, unit)
             return
@@ -387,25 +376,3 @@ class Deliverer:
         self.counts[(target, outcome)] += n
         if self._on_outcome is not None:
             self._on_outcome(target, OUTCOMES[outcome], n)
-
-    # -- acks -------------------------------------------------------------------------------
-
-    async def _acker(self) -> None:
-        """Marks accepted deliveries sent in batches: every ack that arrives while one batch is
-        being written goes into the next, so a busy target costs one transaction per batch."""
-        while True:
-            await self._ack_signal.wait()
-            if not self._lanes_done and len(self._acks) < ACK_BATCH:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ACK_GATHER):
-                        await self._ack_full.wait()
-            self._ack_signal.clear()
-            self._ack_full.clear()
-            await self._flush_acks()
-            if self._lanes_done:
-                return
-
-    async def _flush_acks(self) -> None:
-        if self._acks:
-            ids, self._acks = self._acks, []
-            await self._store.mark_sent(ids)
