@@ -18,7 +18,15 @@ from bridge.commands.dlq import format_dead_letters, list_command, replay_comman
 from bridge.commands.send_test import send_test, send_test_command
 from bridge.config import AppriseTargetConfig, Config, TargetConfig, WebhookTargetConfig
 from bridge.deliver import Deliverer
-from bridge.deliver.lanes import TokenBucket, backoff, units, why_give_up
+from bridge.deliver.lanes import (
+    Retry,
+    TargetHealth,
+    TokenBucket,
+    after_failure,
+    backoff,
+    units,
+    why_give_up,
+)
 from bridge.errors import DeliveryError, Redactor
 from bridge.store import OutboxItem, Store
 from bridge.targets import Target, build_target, close_targets
@@ -334,6 +342,56 @@ def test_a_failed_delivery_is_given_up_for_the_reason_the_dead_letter_shows(
         attempts=attempts - 1, created_at=0.0, next_at=0.0, last_error=None,
     )  # fmt: skip
     assert why_give_up(config, item, attempts, retry=retry, now=age) == why
+
+
+# A target's health as (failing_since, failures): failing since t=900 after two tries, or up.
+FAILING = (900.0, 2)
+UP = (None, 0)
+
+
+@pytest.mark.parametrize(
+    ("before", "error", "probe", "probe_at", "retry", "after"),
+    [
+        (UP, DeliveryError("edit coalesced", retryable=False, deferred=True, retry_after=3.0),
+         False, 0.0, Retry(1003.0, 0.0), UP),
+        (UP, DeliveryError("HTTP 400", retryable=False), False, 0.0, Retry(None, 0.0), UP),
+        (UP, DeliveryError("HTTP 503", retryable=True), False, 0.0,
+         Retry(1010.0, 1010.0, 10.0), (1000.0, 1)),
+        (UP, DeliveryError("HTTP 429", retryable=True, retry_after=45.0), False, 0.0,
+         Retry(1045.0, 1045.0, 45.0), (1000.0, 1)),
+        (FAILING, DeliveryError("HTTP 503", retryable=True), False, 1040.0,
+         Retry(1040.0, 1040.0), FAILING),
+        (FAILING, DeliveryError("HTTP 503", retryable=True), False, 990.0,
+         Retry(1000.0, 990.0), FAILING),
+        (FAILING, DeliveryError("HTTP 503", retryable=True), True, 990.0,
+         Retry(1030.0, 1030.0, 30.0), (900.0, 3)),
+    ],
+    ids=[
+        "deferred-not-the-targets-fault",
+        "refused-for-good-a-dead-letter",
+        "first-failure-starts-failing",
+        "retry-after-instead-of-backoff",
+        "in-flight-when-it-failed-waits-for-the-probe",
+        "probe-time-passed-retried-now",
+        "failed-probe-steps-the-backoff",
+    ],
+)  # fmt: skip
+def test_a_failed_send_waits_for_the_failing_targets_next_probe(
+    before: tuple[float | None, int],
+    error: DeliveryError,
+    probe: bool,
+    probe_at: float,
+    retry: Retry,
+    after: tuple[float | None, int],
+) -> None:
+    health = TargetHealth(failing_since=before[0], failures=before[1])
+    got = after_failure(
+        health, error, str(error), probe=probe, probe_at=probe_at, now=1000.0,
+        backoff=lambda failures: 10.0 * failures,
+    )  # fmt: skip
+    assert got == retry
+    assert (health.failing_since, health.failures) == after
+    assert health.last_error == (None if error.deferred else str(error))
 
 
 # -- dead letters table and send-test (bridge/commands/) -------------------------------------------

@@ -1,6 +1,7 @@
 """The deliver stage: outbox workers, one lane per target. Claims due deliveries, sends them,
 marks them sent only once the target accepted. The only place retries, backoff, rate limits,
-dead letters and digests live (each lane's state and pacing: lanes.py).
+dead letters and digests live: the lanes and their senders here (the hot path), each lane's
+state and pacing in lanes.py, failed sends and failing targets in failures.py, acks in acks.py.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from bridge.config import TargetConfig
 from bridge.deliver.acks import Acks
-from bridge.deliver.lanes import Lane, TargetHealth, backoff, bucket_for, units, why_give_up
+from bridge.deliver.failures import Failures
+from bridge.deliver.lanes import Lane, TargetHealth, bucket_for, units
 from bridge.errors import DeliveryError, redact
-from bridge.logs import fields
 from bridge.models import OutboxItem
 from bridge.roles import Outbox
 from bridge.targets import Target
@@ -55,12 +55,12 @@ class Deliverer:
             Lane(name, target, configs[name], bucket_for(configs[name]))
             for name, target in targets.items()
         ]
-        # Overrides of every target's `backoff` and `backoff_cap` (tests).
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
         # Deliveries may also appear without a wake() (e.g. `bridge dlq replay` from another
         # process), so an idle lane looks again after this many seconds.
         self._idle = idle
+        self._failures = Failures(
+            store, self._count, backoff_base=backoff_base, backoff_cap=backoff_cap, idle=idle
+        )
         self._acks = Acks(store)
         self._stopping = False
         self._running = False
@@ -173,26 +173,34 @@ class Deliverer:
                         await self._store.release(ids)
                         lane.held.difference_update(ids)
                     if lane.health.failing_since is not None:
-                        await self._probe(lane, waiting, ready, batch)
-                        continue
-                    # Claim the next batch while half of this one is still queued, so sends never
-                    # wait for a claim; after an empty claim, only once woken or due.
-                    if len(waiting) < low and (lane.fresh or time.time() >= lane.look_at):
-                        lane.fresh = False
-                        items = await self._store.claim(lane.name, time.time(), batch)
-                        if items:
-                            lane.fresh = True  # there may be more
-                            lane.held.update(i.id for i in items)
-                            waiting.extend(units(items))
+                        # One delivery at a time while the target fails, the rest in the outbox.
+                        probe = await self._failures.claim_probe(lane, batch)
+                        if probe is not None:
+                            waiting.append(probe)
                             ready.set()
-                            continue
-                        due = await self._store.next_due(lane.name)
-                        lane.look_at = time.time() + self._idle
-                        if due is not None:
-                            lane.look_at = min(lane.look_at, due)
-                    timeout = None  # a full queue waits for the senders to drain it
-                    if len(waiting) < low:
-                        timeout = max(0.0, lane.look_at - time.time())
+                        timeout = None  # a probe in flight: its outcome sets the signal
+                        if lane.probe is None:
+                            look = lane.probe_at if lane.fresh else max(lane.probe_at, lane.look_at)
+                            timeout = max(0.0, look - time.time())
+                    else:
+                        # Claim the next batch while half of this one is still queued, so sends
+                        # never wait for a claim; after an empty claim, only once woken or due.
+                        if len(waiting) < low and (lane.fresh or time.time() >= lane.look_at):
+                            lane.fresh = False
+                            items = await self._store.claim(lane.name, time.time(), batch)
+                            if items:
+                                lane.fresh = True  # there may be more
+                                lane.held.update(i.id for i in items)
+                                waiting.extend(units(items))
+                                ready.set()
+                                continue
+                            due = await self._store.next_due(lane.name)
+                            lane.look_at = time.time() + self._idle
+                            if due is not None:
+                                lane.look_at = min(lane.look_at, due)
+                        timeout = None  # a full queue waits for the senders to drain it
+                        if len(waiting) < low:
+                            timeout = max(0.0, lane.look_at - time.time())
                     if self._stopping:
                         break
                     with contextlib.suppress(TimeoutError):
@@ -227,150 +235,16 @@ class Deliverer:
             self._count(lane.name, "sent", len(ids))
             self._accepted(lane, unit)
             return
-        await self._failed(lane, unit, error)
+        await self._failures.failed(lane, unit, error)
 
     def _accepted(self, lane: Lane, unit: list[OutboxItem]) -> None:
         now = time.time()
         health = lane.health
         if health.failing_since is not None:
-            log.warning(
-                "%s: the target accepts deliveries again, after %.0fs failing (%d failed tries); "
-                "sending what waited",
-                lane.name,
-                now - health.failing_since,
-                health.failures,
-                extra=fields(target=lane.name),
-            )
-            lane.probe, lane.probe_at, lane.fresh = None, 0.0, True
-            lane.signal.set()
+            self._failures.recovered(lane, now)
         health.failing_since, health.failures, health.last_ok = None, 0, now
         if self._on_sent is not None:
             self._on_sent(lane.name, [now - i.created_at for i in unit])
-
-    async def _probe(
-        self, lane: Lane, waiting: deque[list[OutboxItem]], ready: asyncio.Event, batch: int
-    ) -> None:
-        """The failing lane's turn: when the probe is due, claim the oldest deliveries, try the
-        first, make dead letters of those past `max_age` and hand the rest back untouched."""
-        now = time.time()
-        if lane.probe is None and now >= lane.probe_at and (lane.fresh or now >= lane.look_at):
-            lane.fresh = False
-            items = await self._store.claim(lane.name, now, batch)
-            if items:
-                probe, *rest = units(items)
-                lane.held.update(i.id for i in items)
-                back: list[str] = []
-                for item in (i for unit in rest for i in unit):
-                    if now - item.created_at >= lane.config.max_age:
-                        why = f"{lane.health.last_error} (gave up: older than max_age)"
-                        await self._dead(lane, item, why, item.attempts)
-                    else:
-                        back.append(item.id)
-                if back:
-                    await self._store.release(back)
-                    lane.held.difference_update(back)
-                lane.probe = probe
-                waiting.append(probe)
-                ready.set()
-            else:
-                due = await self._store.next_due(lane.name)
-                lane.look_at = now + self._idle if due is None else min(now + self._idle, due)
-        if self._stopping:
-            return
-        timeout = None
-        if lane.probe is None:
-            look = lane.probe_at if lane.fresh else max(lane.probe_at, lane.look_at)
-            timeout = max(0.0, look - time.time())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await lane.signal.wait()
-
-    def _backoff(self, lane: Lane, failures: int) -> float:
-        base = lane.config.backoff if self._backoff_base is None else self._backoff_base
-        cap = lane.config.backoff_cap if self._backoff_cap is None else self._backoff_cap
-        return backoff(failures, base, max(cap, base))
-
-    async def _failed(self, lane: Lane, unit: list[OutboxItem], error: DeliveryError) -> None:
-        now = time.time()
-        message = redact(str(error))
-        health = lane.health
-        probing = unit is lane.probe
-        if probing:
-            lane.probe = None
-        next_at = None  # when this unit is tried again; None: it becomes a dead letter
-        if error.deferred:
-            next_at = now + (error.retry_after or 0.0)
-        elif error.retryable:
-            health.last_error, health.last_error_at = message, now
-            if health.failing_since is None:
-                health.failing_since, health.failures = now, 0
-                probing = True
-            if probing:
-                health.failures += 1
-                wait = error.retry_after
-                if wait is None:
-                    wait = self._backoff(lane, health.failures)
-                lane.probe_at = now + wait
-                if health.failures == 1:
-                    # Loud once when it starts failing, and once when it recovers (_accepted);
-                    # each try in between is a debug line.
-                    log.warning(
-                        "%s: the target is failing (%s); its deliveries wait and one at a time "
-                        "is tried, next in %.1fs (steps up to %gs; dead letters after max_age %gs)",
-                        lane.name,
-                        message,
-                        wait,
-                        lane.config.backoff_cap if self._backoff_cap is None else self._backoff_cap,
-                        lane.config.max_age,
-                        extra=fields(target=lane.name),
-                    )
-            next_at = max(lane.probe_at, now)
-        else:
-            health.last_error, health.last_error_at = message, now
-        for item in unit:
-            attempts = item.attempts + 1
-            give_up = why_give_up(lane.config, item, attempts, retry=next_at is not None, now=now)
-            if give_up is not None:
-                await self._dead(lane, item, f"{message} ({give_up})", attempts)
-                continue
-            assert next_at is not None
-            await self._store.mark_retry(item.id, next_at, message)
-            self._count(lane.name, "retry")
-            log.debug(
-                "%s; retry %s in %.2fs",
-                message if message.startswith(f"{lane.name}: ") else f"{lane.name}: {message}",
-                item.id,
-                next_at - now,
-                extra=self._fields(lane, item, attempts),
-            )
-            lane.held.discard(item.id)
-        lane.fresh = True  # the next due time may have moved closer
-        lane.signal.set()
-
-    async def _dead(self, lane: Lane, item: OutboxItem, why: str, attempts: int) -> None:
-        await self._store.mark_dead(item.id, why)
-        self._count(lane.name, "dead")
-        log.warning(
-            "%s: delivery %s is a dead letter: %s",
-            lane.name,
-            item.id,
-            why,
-            extra=self._fields(lane, item, attempts),
-        )
-        lane.held.discard(item.id)
-
-    @staticmethod
-    def _fields(lane: Lane, item: OutboxItem, attempt: int) -> dict[str, Any]:
-        event = item.event  # parsed on this failure path only; a send never parses it
-        return fields(
-            target=lane.name,
-            delivery_id=item.id,
-            attempt=attempt,
-            event_id=event.id,
-            event_type=event.type,
-            source=event.source,
-            task=event.subject,
-        )
 
     def _count(self, target: str, outcome: str, n: int = 1) -> None:
         self.counts[(target, outcome)] += n

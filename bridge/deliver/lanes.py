@@ -1,6 +1,7 @@
 """A target's lane in the deliver stage, what it is and how it is paced: backoff after failures,
 the token bucket of `rate_limit`, claimed items grouped into messages (digests), the target's
-health, and when a failed delivery is given up. The deliverer (__init__.py) runs the lanes.
+health, when a failed send is tried again and when it is given up. No I/O here: the deliverer
+(__init__.py) runs the lanes, failures.py acts on these decisions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bridge.config import TargetConfig
+from bridge.errors import DeliveryError
 from bridge.models import OutboxItem
 from bridge.targets import Target
 
@@ -121,3 +123,47 @@ def why_give_up(
     if now - item.created_at >= config.max_age:
         return f"gave up: older than max_age ({config.max_age:g}s)"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """What a failed send means for its unit and its lane (`after_failure`)."""
+
+    at: float | None  # when the unit is tried again; None: its deliveries become dead letters
+    probe_at: float  # when the failing target's next probe may go
+    wait: float | None = None  # set when this failure scheduled that probe: seconds until it
+
+
+def after_failure(
+    health: TargetHealth,
+    error: DeliveryError,
+    message: str,
+    *,
+    probe: bool,
+    probe_at: float,
+    now: float,
+    backoff: Callable[[int], float],
+) -> Retry:
+    """Record a failed send in `health` and decide when its unit is tried again. `probe`: the unit
+    was the failing target's probe; `backoff(failures)` the wait after that many in a row.
+
+    Deferred (not the target's fault): only the unit waits, `retry_after`. Not retryable: a dead
+    letter. Retryable: the target is failing from its first such failure; that failure and each
+    failed probe step the backoff (or take the target's Retry-After) to the next probe, and every
+    unit that fails meanwhile waits for that probe."""
+    if error.deferred:
+        return Retry(now + (error.retry_after or 0.0), probe_at)
+    health.last_error, health.last_error_at = message, now
+    if not error.retryable:
+        return Retry(None, probe_at)
+    wait = None
+    if health.failing_since is None:
+        health.failing_since, health.failures = now, 0
+        probe = True
+    if probe:
+        health.failures += 1
+        wait = error.retry_after
+        if wait is None:
+            wait = backoff(health.failures)
+        probe_at = now + wait
+    return Retry(max(probe_at, now), probe_at, wait)
