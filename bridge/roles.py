@@ -4,7 +4,7 @@ backends provide every one of them. A new read query (an events API, say) goes i
 protocol of its own.
 
     TaskStates   watch.py, `bridge track`      task states, snapshots, source health
-    Outbox       deliver.py                    claims, acks, retries, dead letters made
+    Outbox       deliver/                      claims, acks, retries, dead letters made
     DeadLetters  `bridge dlq`, the server      listing and replaying dead letters
     Leases       lease.py                      who polls a source
     MessageRefs  chat targets                  the chat message kept per task
