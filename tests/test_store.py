@@ -261,7 +261,7 @@ async def test_events_whose_id_hashes_collide_stay_apart(
 ) -> None:
     """SQLite finds an event by a 64-bit hash of its id and then compares the id: with every hash
     made equal, nothing is taken for stored that is not, and each delivery gets its own event."""
-    monkeypatch.setattr("bridge.store.sqlite.id_hash", lambda event_id: 7)
+    monkeypatch.setattr("bridge.store.sqlite_snapshots.id_hash", lambda event_id: 7)
     monkeypatch.setattr("bridge.store.sqlite_outbox.id_hash", lambda event_id: 7)
     events = [make_event(n) for n in range(3)]
     path = str(tmp_path / "b.db")

@@ -17,9 +17,16 @@ import orjson
 
 from bridge.errors import StoreError
 from bridge.models import Delivery, Event, Outage, OutboxItem, TaskState
-from bridge.store.holders import CLAIM_TIMEOUT, forget_holder
+from bridge.store.holders import CLAIM_TIMEOUT, forget_holder, holder_gone, new_holder
 from bridge.store.retry import Retrier
-from bridge.store.rows import COMMIT_CHUNK, PRUNE_BATCH, OutboxRow, chunks, item_from_row
+from bridge.store.rows import (
+    COMMIT_CHUNK,
+    PRUNE_BATCH,
+    OutboxRow,
+    RecentPayloads,
+    chunks,
+    item_from_row,
+)
 from bridge.store.rows import ITEM_COLUMNS as _ITEM
 
 if TYPE_CHECKING:
@@ -50,6 +57,13 @@ class Store(ABC):
     #: How each backend joins an outbox row `o` to its event `e`, and says "not finished".
     _JOIN_EVENTS: str
     _UNFINISHED: str
+
+    def __init__(self, where: str) -> None:
+        """What every backend keeps beside its connection; `where` names the database."""
+        self.holder = new_holder()
+        self.retrier = Retrier(where)
+        # The JSON of the events this process committed last, for the claims that follow.
+        self._payloads = RecentPayloads()
 
     @classmethod
     async def open(cls, url_or_path: str, *, readonly: bool = False) -> Store:
@@ -202,6 +216,14 @@ class Store(ABC):
         claims expired, and drop the leases of gone holders. Only the process that delivers
         calls this (`Deliverer.run`), never a command. Returns how many deliveries."""
 
+    async def _gone_holders(self) -> list[str]:
+        """The holders of claims and leases that surely no longer run (`holder_gone`)."""
+        rows = await self._fetch(
+            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
+            "UNION SELECT holder FROM leases"
+        )
+        return [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
+
     async def keep_claims(self) -> None:
         """While this process delivers: renew its claims and recover others' every third of
         `claim_timeout`; until cancelled. A store error is logged and tried again next time."""
@@ -286,12 +308,38 @@ class Store(ABC):
 
     # -- retention --------------------------------------------------------------------------
 
-    @abstractmethod
     async def prune(self, before: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
         """Delete sent deliveries last updated before `before` (epoch seconds), then the events
         older than `before` that no delivery names any more: dead letters and deliveries still
         owed keep theirs. Task states stay (they stop a finished task from emitting again).
         `batch` rows per statement, each its own transaction. Returns (deliveries, events)."""
+        deliveries = 0
+        while True:
+            count = await self._prune_sent(before, batch)
+            deliveries += count
+            if count < batch:
+                break
+        # Events are walked once in time order, a window of `batch` at a time: the old ones a
+        # dead letter keeps are passed over rather than looked at again by every batch.
+        events = 0
+        low: tuple[float, int] | None = (float("-inf"), 0)
+        while low is not None:
+            gone, low = await self._prune_window(before, low, batch)
+            events += gone
+        return deliveries, events
+
+    @abstractmethod
+    async def _prune_sent(self, before: float, batch: int) -> int:
+        """ONE statement: delete up to `batch` sent deliveries last updated before `before`.
+        Returns how many."""
+
+    @abstractmethod
+    async def _prune_window(
+        self, before: float, low: tuple[float, int], batch: int
+    ) -> tuple[int, tuple[float, int] | None]:
+        """Delete the events older than `before` that no delivery names among the (up to)
+        `batch` after `low`, a (time, tie-breaker) position. Returns how many, and where the next
+        window starts (None: this was the last)."""
 
     # -- message references -----------------------------------------------------------------
 

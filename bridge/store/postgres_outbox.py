@@ -1,39 +1,29 @@
 """The outbox stage, shared: what PostgreSQL does with deliveries once they are stored. Replicas
 claim with `FOR UPDATE SKIP LOCKED` and a visibility timeout (`claimed_until`), renewed while the
-claiming process lives. The connection, snapshots and leases are in postgres.py.
+claiming process lives. postgres.py puts the store together.
 """
 
 from __future__ import annotations
 
 import time
-from abc import abstractmethod
 from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from bridge.models import OutboxItem
-from bridge.store.base import Store
-from bridge.store.holders import holder_gone, log_recovered
-from bridge.store.rows import RecentPayloads, claimed_items
+from bridge.store.holders import log_recovered
+from bridge.store.postgres_connection import PostgresConnection, rows_touched
+from bridge.store.rows import claimed_items
 
 NOW = "extract(epoch FROM clock_timestamp())"
 
 
-def rows_touched(status: str) -> int:
-    """Rows touched, from a command status such as "UPDATE 3"."""
-    tail = status.rsplit(" ", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-class PostgresOutbox(Store):
+class PostgresOutbox(PostgresConnection):
     """Claims, acks, dead letters and replays in PostgreSQL (see PostgresStore)."""
 
-    _payloads: RecentPayloads
-    _held: set[str]  # claimed by this process, outcome not recorded yet
-
-    @abstractmethod
-    async def _execute(self, sql: str, *args: Any) -> str:
-        """One statement in a transaction of its own; its command status ("UPDATE 3")."""
+    def __init__(self, pool: Any, where: str, claim_timeout: float) -> None:
+        super().__init__(pool, where, claim_timeout)
+        self._held: set[str] = set()  # claimed by this process, outcome not recorded yet
 
     async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
         """Due deliveries of `target` (pending, or in flight with a claim that expired: its
@@ -77,11 +67,7 @@ class PostgresOutbox(Store):
     async def recover(self) -> int:
         """Claims of holders that are gone (a restart on this host) go back to pending at once,
         and their leases are dropped; expired claims need nothing: `claim` takes them."""
-        rows = await self._fetch(
-            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
-            "UNION SELECT holder FROM leases"
-        )
-        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
+        gone = await self._gone_holders()
         if not gone:
             return 0
         released = rows_touched(

@@ -1,8 +1,8 @@
 """The outbox stage's one retry policy: each backend translates its driver's errors into
-`StoreError` at its boundary (a table in sqlite.py and postgres.py), and every call that met a
-transient one (locked, busy, disk full, connection lost) runs again here, with backoff, for up to
-`retry_for` seconds. Every call is one transaction that either committed or rolled back whole, so
-running it again loses nothing and stores nothing twice.
+`StoreError` at its boundary (a table in sqlite_errors.py and postgres_errors.py), and every
+call that met a transient one (locked, busy, disk full, connection lost) runs again here, with
+backoff, for up to `retry_for` seconds. Every call is one transaction that either committed or
+rolled back whole, so running it again loses nothing and stores nothing twice.
 """
 
 from __future__ import annotations

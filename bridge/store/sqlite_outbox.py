@@ -1,53 +1,30 @@
 """The outbox stage, embedded: what SQLite does with deliveries once they are stored. Claims
 are one statement each (the hot path), marked with their holder and an expiry; acks find their
-rows by the rowid the claim returned. The connection, snapshots and leases are in sqlite.py.
+rows by the rowid the claim returned. sqlite.py puts the store together.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from abc import abstractmethod
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Any, TypeVar
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import aiosqlite
 
 from bridge.models import OutboxItem
-from bridge.store.base import Store
-from bridge.store.holders import holder_gone, log_recovered
-from bridge.store.rows import RecentPayloads, chunks, claimed_items
-
-T = TypeVar("T")
-
-CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-variable limit
+from bridge.store.holders import log_recovered
+from bridge.store.rows import chunks, claimed_items
+from bridge.store.sqlite_connection import CHUNK, SqliteConnection, id_hash, marks
 
 
-def marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
-def id_hash(event_id: str) -> int:
-    """`events.h`: a signed 64-bit hash of an event id, the key re-detection finds an event by
-    (a third of the text id's size in the index; the id itself is compared after)."""
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-class SqliteOutbox(Store):
+class SqliteOutbox(SqliteConnection):
     """Claims, acks, dead letters and replays on the SQLite file (see SqliteStore)."""
 
-    _payloads: RecentPayloads
-    # Rowids of the deliveries claimed and not settled yet: acks find their rows by rowid.
-    _rowids: dict[str, int]
-
-    @abstractmethod
-    async def _run(
-        self, call: Callable[[aiosqlite.Connection], Awaitable[T]], *, write: bool = True
-    ) -> T:
-        """`call(db)` in one transaction (`write`: BEGIN IMMEDIATE ... COMMIT), retried while it
-        fails transiently; sqlite3 errors come out as StoreError."""
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        super().__init__(db, path)
+        # Rowids of the deliveries claimed and not settled yet: acks find their rows by rowid.
+        self._rowids: dict[str, int] = {}
 
     async def claim(self, target: str, now: float, limit: int) -> list[OutboxItem]:
         """Due pending deliveries of `target`, oldest first, marked in flight by this holder so
@@ -101,11 +78,7 @@ class SqliteOutbox(Store):
         """Claims of holders that are gone, or that expired (another holder stopped renewing
         them; or made before claims named their holder), go back to pending. Never our own:
         those are ours to settle, even when renewing them failed for a while."""
-        rows = await self._fetch(
-            "SELECT DISTINCT claimed_by FROM outbox WHERE state = 'inflight' "
-            "UNION SELECT holder FROM leases"
-        )
-        gone = [r[0] for r in rows if r[0] is not None and holder_gone(r[0])]
+        gone = await self._gone_holders()
 
         async def run(db: aiosqlite.Connection) -> int:
             async with db.execute(
