@@ -234,7 +234,15 @@ class Watcher:
         """One poll; a failure is recorded (and maybe becomes source.down), never raised. So is
         an unexpected exception in reading, diffing or committing (reason `internal`, its
         traceback logged once): one bad answer stops this source, never the bridge. Only a
-        StoreError (the store's own failure, for app.py to decide on) goes up."""
+        StoreError (the store's own failure, for app.py to decide on) goes up.
+        `status.polling_since` says a poll is in progress (/readyz, the status page)."""
+        self.status.polling_since = self.clock()
+        try:
+            return await self._poll_once()
+        finally:
+            self.status.polling_since = None
+
+    async def _poll_once(self) -> list[Event]:
         await self.load()
         now = self.clock()
         started = time.perf_counter()
@@ -262,7 +270,7 @@ class Watcher:
         self.health.success(now)
         self._internal_seen = None
         self.status.up = True
-        self.status.last_ok = now
+        self.status.last_ok = self.clock()  # when it ended: a long poll is not stale on arrival
         self.status.polls += 1
         return new
 

@@ -87,7 +87,7 @@ def render(template: str, *, images_from: str = "", **context: Any) -> web.Respo
 @dataclass(frozen=True, slots=True)
 class _SourceRow:
     name: str
-    state: str  # up | failing | down | waiting
+    state: str  # up | failing | down | waiting | polling (the first poll, still running)
     base: str
     push: bool
     last_ok: float | None
@@ -179,7 +179,7 @@ async def _page_context(live: Live, redactor: Redactor, filters: Filters) -> dic
         elif handle.failing:
             state = "failing"
         elif status.last_ok is None:
-            state = "waiting"
+            state = "waiting" if status.polling_since is None else "polling"  # the first poll
         else:
             state = "up"
         sources.append(

@@ -10,8 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.server.auth import operator
 from bridge.server.edge import EDGE, SERVED, json_answer, live_of
-
-READY_INTERVALS = 3  # /readyz: every source answered within this many poll intervals
+from bridge.sources.health import readiness
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -19,26 +18,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when every source's last good poll is within 3 poll intervals and the store is not
-    retrying a transient error (disk full, locked, connection lost)."""
+    """Ready when every source answers (its last good poll ended within 3 poll intervals, or a
+    poll that has not failed is in progress: `readiness`) and the store is not retrying a
+    transient error (disk full, locked, connection lost). A long poll never touches /healthz."""
     live = live_of(request)
     now = time.time()
     sources: dict[str, str] = {}
     ready = True
     for name, handle in live.sources.items():
-        limit = READY_INTERVALS * handle.config.poll_interval
-        last_ok = handle.status.last_ok
         if not handle.leading:
             sources[name] = "polled by another replica"  # it holds the source's lease
-        elif last_ok is None:
-            sources[name], ready = "no successful poll yet", False
-        elif now - last_ok > limit:
-            sources[name], ready = (
-                f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)",
-                False,
-            )
-        else:
-            sources[name] = f"ok (last poll {now - last_ok:.1f}s ago)"
+            continue
+        config = handle.config
+        answering, sources[name] = readiness(
+            handle.status,
+            failing=handle.failing,
+            now=now,
+            interval=config.poll_interval,
+            timeout=config.timeout,
+        )
+        ready = ready and answering
     answer: dict[str, object] = {"ready": ready, "sources": sources}
     trouble = live.store.retrier.trouble  # a transient database error is being retried
     if trouble is not None:

@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 
 from bridge.models import Event, EventType, Outage, event_id, iso
 
-__all__ = ["SourceHealth", "SourceStatus"]
+__all__ = ["READY_INTERVALS", "SourceHealth", "SourceStatus", "readiness"]
+
+READY_INTERVALS = 3  # /readyz: every source answered within this many poll intervals
 
 
 class SourceHealth:
@@ -121,7 +123,8 @@ class SourceStatus:
 
     name: str
     up: bool = True
-    last_ok: float | None = None
+    last_ok: float | None = None  # when the last good poll ended (its changes stored)
+    polling_since: float | None = None  # when the poll in progress began; None between polls
     last_error: str | None = None
     last_error_at: float | None = None
     tracked: int = 0
@@ -130,3 +133,29 @@ class SourceStatus:
     mode: str = ""  # the way of reading chosen (list | active | ids); "" until probed
     mode_reason: str = ""
     note: str = ""  # what the way of reading allows now, e.g. a delay bound; "" when nothing
+
+
+def readiness(
+    status: SourceStatus, *, failing: bool, now: float, interval: float, timeout: float
+) -> tuple[bool, str]:
+    """Whether a source polled here counts as answering (/readyz), and what to say of it.
+
+    Its last good poll ended within READY_INTERVALS poll intervals; or a poll is in progress, no
+    poll failed since the last good one, and it began within that limit plus the source's
+    `timeout`. A long poll that has not failed (a first contact with 100,000 tasks) is the bridge
+    doing its job; one that hangs counts at most `timeout` later than with no poll in progress.
+    A poll after a failed one gets no such grace: a source whose every poll hangs until its
+    timeout is not ready."""
+    limit = READY_INTERVALS * interval
+    last_ok, since = status.last_ok, status.polling_since
+    if last_ok is not None and now - last_ok <= limit:
+        return True, f"ok (last poll {now - last_ok:.1f}s ago)"
+    if since is not None and not failing:
+        running, grace = now - since, limit + timeout
+        first = "first poll" if last_ok is None else "a poll"
+        if running <= grace:
+            return True, f"ok ({first} in progress for {running:.1f}s)"
+        return False, f"{first} in progress for {running:.1f}s (limit {grace:g}s)"
+    if last_ok is None:
+        return False, "no successful poll yet"
+    return False, f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)"
