@@ -26,6 +26,10 @@ SLICE = 32
 STRETCH = 0.02
 
 
+def _nothing() -> None:
+    pass
+
+
 class Pace:
     """Lets the event loop run other work once this stretch of work went over STRETCH."""
 
@@ -62,12 +66,20 @@ class Publisher:
         *,
         now: float,
         seen: bool = True,
+        progress: Callable[[], None] = _nothing,
     ) -> list[Event]:
-        deliveries = await self.route(events, now) if events else []
+        """`progress()` after each step of a large change (a slice routed or logged, a part of
+        the commit stored): the caller's poll is working, not hanging."""
+        deliveries = await self.route(events, now, progress) if events else []
+
+        def part_stored() -> None:
+            self.wake()
+            progress()
+
         # A delivery whose template went over a sandbox limit carries `error`: the commit stores
         # it as a dead letter with that reason, in the transaction that stores its event.
         new = await self.store.commit(
-            source, states, events, deliveries, seen=seen, progress=self.wake
+            source, states, events, deliveries, seen=seen, progress=part_stored
         )
         stored = {event.id for event in new}
         for d in deliveries:
@@ -78,6 +90,7 @@ class Publisher:
         pace = Pace()
         for n, event in enumerate(new):
             if n % SLICE == 0:
+                progress()
                 await pace()
             log.info(
                 "%s %s %s",
@@ -95,7 +108,9 @@ class Publisher:
                 callback(event)
         return new
 
-    async def route(self, events: Sequence[Event], now: float) -> list[Delivery]:
+    async def route(
+        self, events: Sequence[Event], now: float, progress: Callable[[], None] = _nothing
+    ) -> list[Delivery]:
         """`router.route(events, now)`, slice by slice, letting the loop go between slices when
         routing takes long: the same deliveries in the same order, and the same throttle and
         digest memory, as routing them in one call."""
@@ -104,6 +119,7 @@ class Publisher:
         async with self._routing:
             pace = Pace()
             for start in range(0, len(events), SLICE):
+                progress()
                 await pace()
                 deliveries += router.route(events[start : start + SLICE], now)
         return deliveries

@@ -67,6 +67,7 @@ class Watcher:
         self._internal_seen: str | None = None  # the last internal error logged with its trace
         if metrics is not None:
             source.on_junk = functools.partial(metrics.junk, config.name)
+        source.on_answer = self._moved
         # True while this process holds the source's lease and polls it (app.py); a replica that
         # does not still takes push callbacks and /track for it.
         self.leading = False
@@ -179,6 +180,7 @@ class Watcher:
             return work()
 
         result = await run()
+        self._moved()
         junk = _unstorable(result.events)
         if junk:
             # Rows the store cannot hold are junk like rows without an id: skipped (so no state
@@ -197,7 +199,7 @@ class Watcher:
             return []
         await self.actions.finish(events)
         new = await self.publisher.publish(
-            self.config.name, result.changed, events, now=now, seen=True
+            self.config.name, result.changed, events, now=now, seen=True, progress=self._moved
         )
         self._record(result.changed)
         if self._fresh:
@@ -235,12 +237,18 @@ class Watcher:
         an unexpected exception in reading, diffing or committing (reason `internal`, its
         traceback logged once): one bad answer stops this source, never the bridge. Only a
         StoreError (the store's own failure, for app.py to decide on) goes up.
-        `status.polling_since` says a poll is in progress (/readyz, the status page)."""
-        self.status.polling_since = self.clock()
+        `status.polling_since` says a poll is in progress (/readyz, the status page), and
+        `status.moved_at` when it last moved on (an answer read, a step of storing it)."""
+        self.status.polling_since = self.status.moved_at = self.clock()
         try:
             return await self._poll_once()
         finally:
-            self.status.polling_since = None
+            self.status.polling_since = self.status.moved_at = None
+
+    def _moved(self) -> None:
+        """The poll in progress moved on: it is working, not hanging (see `readiness`)."""
+        if self.status.polling_since is not None:
+            self.status.moved_at = self.clock()
 
     async def _poll_once(self) -> list[Event]:
         await self.load()
@@ -249,6 +257,7 @@ class Watcher:
         try:
             reader = await self._reader()
             snapshot = await reader.read(self.unfinished(), self.states, now)
+            self._moved()
             self._noted(reader.note)
         except SourceError as exc:
             return await self._failed(exc, now, started)

@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from bridge.commands.track import track_command
 from bridge.config import Config
 from bridge.simulator import Simulator
 from bridge.sources.health import SourceStatus, readiness
@@ -23,37 +24,46 @@ TIMEOUT = 2.0  # the source's timeout
 
 
 @pytest.mark.parametrize(
-    ("last_ok", "polling_since", "failing", "ready", "says"),
+    ("last_ok", "since", "moved", "failing", "ready", "says"),
     [
-        (99.0, None, False, True, "ok (last poll 1.0s ago)"),
-        (90.0, None, False, False, "no successful poll for 10.0s (limit 3s)"),
-        (None, None, False, False, "no successful poll yet"),
-        (None, 95.0, False, True, "ok (first poll in progress for 5.0s)"),
-        (None, 86.0, False, False, "first poll in progress for 14.0s (limit 13s)"),
-        (80.0, 90.0, False, True, "ok (a poll in progress for 10.0s)"),
-        (80.0, 86.9, False, False, "a poll in progress for 13.1s (limit 13s)"),
+        (99.0, None, None, False, True, "ok (last poll 1.0s ago)"),
+        (90.0, None, None, False, False, "no successful poll for 10.0s (limit 3s)"),
+        (None, None, None, False, False, "no successful poll yet"),
+        (None, 95.0, 95.0, False, True, "ok (first poll in progress for 5.0s)"),
+        (None, 70.0, 98.0, False, True, "ok (first poll in progress for 30.0s)"),
+        (None, 70.0, 86.0, False, False,
+         "first poll in progress for 30.0s, stuck for 14.0s (limit 13s)"),
+        (80.0, 90.0, 90.0, False, True, "ok (a poll in progress for 10.0s)"),
+        (80.0, 86.9, 86.9, False, False,
+         "a poll in progress for 13.1s, stuck for 13.1s (limit 13s)"),
         # A poll after a failed one gets no grace: every poll may be hanging until its timeout.
-        (90.0, 99.0, True, False, "no successful poll for 10.0s (limit 3s)"),
-        (None, 99.0, True, False, "no successful poll yet"),
-        (99.5, 99.9, True, True, "ok (last poll 0.5s ago)"),
+        (90.0, 99.0, 99.9, True, False, "no successful poll for 10.0s (limit 3s)"),
+        (None, 99.0, 99.9, True, False, "no successful poll yet"),
+        (99.5, 99.9, 99.9, True, True, "ok (last poll 0.5s ago)"),
     ],
     ids=[
         "fresh",
         "stale",
         "never",
         "first-poll-running",
-        "first-poll-hangs",
+        "first-poll-long-and-moving",
+        "first-poll-stuck",
         "long-poll-running",
-        "long-poll-hangs",
+        "long-poll-stuck",
         "after-a-failure",
         "first-after-a-failure",
         "fresh-though-failing",
     ],
-)
-def test_readiness_counts_a_poll_in_progress_until_the_timeout(
-    last_ok: float | None, polling_since: float | None, failing: bool, ready: bool, says: str
+)  # fmt: skip
+def test_readiness_counts_a_poll_in_progress_while_it_moves_on(
+    last_ok: float | None,
+    since: float | None,
+    moved: float | None,
+    failing: bool,
+    ready: bool,
+    says: str,
 ) -> None:
-    status = SourceStatus("mj", last_ok=last_ok, polling_since=polling_since)
+    status = SourceStatus("mj", last_ok=last_ok, polling_since=since, moved_at=moved)
     got = readiness(status, failing=failing, now=100.0, interval=1.0, timeout=10.0)
     assert got == (ready, says)
 
@@ -67,7 +77,7 @@ async def slow_sim() -> AsyncIterator[Simulator]:
         yield sim
 
 
-def config(sim: Simulator, rx: Receiver) -> Config:
+def config(sim: Simulator, rx: Receiver, *, timeout: float = TIMEOUT) -> Config:
     return Config.model_validate(
         {
             "sources": [
@@ -78,7 +88,7 @@ def config(sim: Simulator, rx: Receiver) -> Config:
                     "auth": "mj-api-secret",
                     "mode": "list",
                     "poll_interval": f"{INTERVAL * 1000:g}ms",
-                    "timeout": f"{TIMEOUT:g}s",
+                    "timeout": f"{timeout:g}s",
                 }
             ],
             "targets": {"hook": {"webhook": f"{rx.url}/hook"}},
@@ -138,3 +148,37 @@ async def test_a_slow_first_poll_and_slow_polls_keep_the_bridge_ready_until_one_
         assert status == 503, body
         assert orjson.loads(body)["sources"]["mj"].startswith("no successful poll for")
         assert await get(http, live) == (200, "ok\n")
+
+
+async def test_a_first_poll_of_many_slow_answers_stays_ready_while_it_moves_on(
+    rx: Receiver, tmp_path: Path
+) -> None:
+    """400 tracked ids the list lacks: the first poll is the list and four lookups of 100, each
+    taking 0.5 s, far longer than 3 intervals plus the timeout (1.8 s) in all, but never that
+    long without an answer: /readyz stays 200 through it."""
+    async with Simulator(api_key=SIM_KEY) as sim:
+        sim.seed_tasks(20)
+        sim.fault, sim.hang_seconds = "timeout", 0.5
+        cfg = config(sim, rx, timeout=1.5)
+        db = tmp_path / "b.db"
+        ids = [f"17000000000{i:05d}" for i in range(400)]
+        assert await track_command(cfg, str(db), "mj", ids) == 0  # `bridge track` before `run`
+        grace = 3 * INTERVAL + 1.5
+        async with (
+            aiohttp.ClientSession() as http,
+            running_bridge(cfg, db, polled=()) as harness,
+        ):
+            watcher = harness.running.watchers["mj"]
+            during: list[tuple[int, str]] = []
+            longest = 0.0
+            while watcher.status.polls == 0:
+                since = watcher.status.polling_since
+                answer = await get(http, f"{harness.url}/readyz")
+                if since is not None and watcher.status.polling_since == since:
+                    during.append(answer)
+                    longest = max(longest, watcher.clock() - since)
+            assert not watcher.failing
+    assert longest > grace  # the poll ran past what its start alone would allow
+    for status, body in during:
+        assert status == 200, body
+        assert orjson.loads(body)["sources"]["mj"].startswith("ok (first poll in progress")

@@ -125,6 +125,7 @@ class SourceStatus:
     up: bool = True
     last_ok: float | None = None  # when the last good poll ended (its changes stored)
     polling_since: float | None = None  # when the poll in progress began; None between polls
+    moved_at: float | None = None  # when it last moved on: an answer read, a step of storing it
     last_error: str | None = None
     last_error_at: float | None = None
     tracked: int = 0
@@ -141,21 +142,24 @@ def readiness(
     """Whether a source polled here counts as answering (/readyz), and what to say of it.
 
     Its last good poll ended within READY_INTERVALS poll intervals; or a poll is in progress, no
-    poll failed since the last good one, and it began within that limit plus the source's
-    `timeout`. A long poll that has not failed (a first contact with 100,000 tasks) is the bridge
-    doing its job; one that hangs counts at most `timeout` later than with no poll in progress.
-    A poll after a failed one gets no such grace: a source whose every poll hangs until its
-    timeout is not ready."""
+    poll failed since the last good one, and it moved on (an answer read, a step of storing it)
+    within that limit plus the source's `timeout`. A long poll that has not failed (a first
+    contact with 100,000 tasks) is the bridge doing its job; one that hangs counts at most
+    `timeout` later than with no poll in progress. A poll after a failed one gets no such grace:
+    a source whose every poll hangs until its timeout is not ready."""
     limit = READY_INTERVALS * interval
     last_ok, since = status.last_ok, status.polling_since
     if last_ok is not None and now - last_ok <= limit:
         return True, f"ok (last poll {now - last_ok:.1f}s ago)"
     if since is not None and not failing:
         running, grace = now - since, limit + timeout
+        still = now - (since if status.moved_at is None else status.moved_at)
         first = "first poll" if last_ok is None else "a poll"
-        if running <= grace:
+        if still <= grace:
             return True, f"ok ({first} in progress for {running:.1f}s)"
-        return False, f"{first} in progress for {running:.1f}s (limit {grace:g}s)"
+        return False, (
+            f"{first} in progress for {running:.1f}s, stuck for {still:.1f}s (limit {grace:g}s)"
+        )
     if last_ok is None:
         return False, "no successful poll yet"
     return False, f"no successful poll for {now - last_ok:.1f}s (limit {limit:g}s)"

@@ -122,6 +122,8 @@ class TaskAPI:
         self.dropped = 0  # unusable rows met by the last poll (for tests)
         # Called with the reasons of the unusable rows of each read that met some (metrics).
         self.on_junk: Callable[[Counter[str]], None] | None = None
+        # Each answer read: a poll of many requests (pages, lookups) is moving on, not hanging.
+        self.on_answer: Callable[[], None] | None = None
         self.list_size: int | None = None  # tasks in the last whole /mj/task/list read
         self._spans = ListSpans()  # what the last whole read held, to skip what did not change
 
@@ -345,6 +347,8 @@ class TaskAPI:
                 if strict:
                     check_status(response.status, where, self._auth_hint())
                 payload = await self._read(response, where)
+                if self.on_answer is not None:
+                    self.on_answer()
                 return where, response.status, response.content_type, payload
         except SourceError:
             raise
