@@ -71,15 +71,10 @@ class Publisher:
         """`progress()` after each step of a large change (a slice routed or logged, a part of
         the commit stored): the caller's poll is working, not hanging."""
         deliveries = await self.route(events, now, progress) if events else []
-
-        def part_stored() -> None:
-            self.wake()
-            progress()
-
         # A delivery whose template went over a sandbox limit carries `error`: the commit stores
         # it as a dead letter with that reason, in the transaction that stores its event.
         new = await self.store.commit(
-            source, states, events, deliveries, seen=seen, progress=part_stored
+            source, states, events, deliveries, seen=seen, progress=self.wake, step=progress
         )
         stored = {event.id for event in new}
         for d in deliveries:

@@ -38,6 +38,7 @@ class TaskStates(Protocol):
         *,
         seen: bool = True,
         progress: Callable[[], None] | None = None,
+        step: Callable[[], None] | None = None,
     ) -> list[Event]: ...
 
     async def load_outage(self, source: str) -> Outage | None: ...

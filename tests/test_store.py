@@ -86,6 +86,21 @@ async def test_a_large_snapshot_is_stored_in_parts_with_its_states_last(store: S
     assert await store.source_seen("mj")
 
 
+async def test_each_part_of_a_large_snapshot_is_a_step_even_without_deliveries(
+    store: Store,
+) -> None:
+    """A backfill that routes nothing still moves on part by part (what /readyz watches); only
+    parts with deliveries wake the deliverer."""
+    events = [make_event(i) for i in range(COMMIT_CHUNK * 2 + 7)]
+    steps: list[int] = []
+    wakes: list[int] = []
+    new = await store.commit(
+        "mj", {}, events, [], progress=lambda: wakes.append(1), step=lambda: steps.append(1)
+    )
+    assert len(new) == len(events)
+    assert (len(steps), len(wakes)) == (2, 0)  # after the first two parts; the last holds states
+
+
 async def test_silent_first_contact_records_state_and_seen(store: Store) -> None:
     await store.commit("mj", {"7": TaskState("IN_PROGRESS", 40, 1.0)}, [], [], seen=True)
     assert await store.source_seen("mj")

@@ -153,6 +153,7 @@ class Store(ABC):
         *,
         seen: bool = True,
         progress: Callable[[], None] | None = None,
+        step: Callable[[], None] | None = None,
     ) -> list[Event]:
         """Store one snapshot's changes: the events not stored yet with their deliveries, then the
         task states (and `seen`). Returns the new events, in the order given.
@@ -161,7 +162,8 @@ class Store(ABC):
         with the last. States never run ahead of the events they produced, so a crash between two
         transactions re-detects the rest, under the same event ids: nothing is lost and nothing is
         stored (or sent) twice. `progress()` is called after each transaction but the last that
-        stored new deliveries, so sending starts before a large snapshot is all stored."""
+        stored new deliveries, so sending starts before a large snapshot is all stored; `step()`
+        after each transaction but the last, whatever it stored (the poll is moving on)."""
         candidates: dict[str, Event] = {e.id: e for e in events}
         owed: dict[str, list[Delivery]] = {}
         for d in deliveries:
@@ -176,6 +178,8 @@ class Store(ABC):
                 source, states if last else {}, part, part_deliveries, seen=seen and last
             )
             new += stored
+            if not last and step is not None:
+                step()
             if not last and progress is not None and any(e.id in owed for e in stored):
                 progress()
         order = {e.id: i for i, e in enumerate(events)}
