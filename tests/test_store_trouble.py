@@ -33,6 +33,33 @@ def received(rx: Receiver) -> list[dict[str, Any]]:
     return [r.json() for r in rx.requests]
 
 
+async def test_a_write_cancelled_while_it_waits_to_begin_leaves_the_store_usable(
+    tmp_path: Path,
+) -> None:
+    # A reload or a shutdown cancels whatever the store was doing. Cancelled while its BEGIN
+    # waited for another writer's lock, a write used to leave the transaction begun (the database
+    # thread went on with it), so every later write failed 'cannot start a transaction within a
+    # transaction' until the bridge gave up and stopped.
+    path = tmp_path / "b.db"
+    state = TaskState("SUCCESS", 100, time.time(), finished=True)
+    async with await Store.open(str(path)) as store:
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process writing: BEGIN waits for it
+            write = asyncio.create_task(store.commit("mj", {"t1": state}, [], []))
+            await asyncio.sleep(0.3)  # well inside the busy timeout: BEGIN is waiting
+            write.cancel()
+            await asyncio.sleep(0.05)  # the cancel is delivered; the BEGIN still waits
+            other.execute("COMMIT")  # now it goes through, on the database thread
+            with pytest.raises(asyncio.CancelledError):
+                await write
+        finally:
+            other.close()
+        async with asyncio.timeout(10):
+            await store.commit("mj", {"t2": state}, [], [])
+        assert set(await store.load_tasks("mj")) == {"t2"}  # the cancelled one left nothing
+
+
 async def test_a_full_disk_during_a_burst_loses_nothing_and_sends_nothing_twice(
     tmp_path: Path,
 ) -> None:

@@ -166,14 +166,19 @@ class SqliteConnection(Store):
         async def once() -> T:
             async with self._lock:
                 try:
-                    if write:
-                        await self._db.execute("BEGIN IMMEDIATE")
                     try:
+                        if write:
+                            await self._db.execute("BEGIN IMMEDIATE")
                         result = await call(self._db)
                         if write:
                             await self._db.execute("COMMIT")
                     except BaseException:
-                        if write:  # COMMIT may have run before a cancel
+                        # A cancel that lands while BEGIN waits (for another writer's lock) does
+                        # not stop it: aiosqlite's thread still begins the transaction, and the
+                        # next BEGIN would fail for good. This ROLLBACK, queued behind it on the
+                        # same thread, ends it; after a failed BEGIN or a COMMIT that ran, there
+                        # is nothing to roll back and its error is ignored.
+                        if write:
                             with contextlib.suppress(sqlite3.Error):
                                 await self._db.execute("ROLLBACK")
                         raise
