@@ -1,5 +1,5 @@
 """Rules stage: events + rules -> deliveries (`Router`), rendered by templates.py. Pure apart from
-the memory that throttles and digest windows need; the clock is passed in (`now`), so tests
+what throttles and digest windows remember (memory.py); the clock is passed in (`now`), so tests
 control time.
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from bridge import templates
 from bridge.models import Delivery, Event, EventType, delivery_id
 from bridge.rules.compiled import CompiledRule
+from bridge.rules.memory import Memory
 
 if TYPE_CHECKING:
     from bridge.config import Config
@@ -55,27 +55,17 @@ class Router:
             if t.kind in ("webhook", "nats", "amqp", "redis", "mqtt")
         )
         self._clock = clock
-        self._throttled: dict[tuple[str, str, str], float] = {}  # (rule, source, subject) -> until
-        self._windows: dict[str, float] = {}  # digest group -> when its window closes
-        self._window_memory = max(
-            [3600.0] + [r.group.interval or 0.0 for r in config.rules if r.group is not None]
-        )
-        self._next_prune = 0.0
+        self._memory = Memory(config.rules)
         # `cancel: true` rules, and what routing decided for the stalls it saw (for `cancels`).
         self._cancelling = frozenset(r.name for r in config.rules if r.cancel)
         self._cancels: dict[str, list[str]] = {}
         if previous is not None:
-            # A reload keeps what the rules that are still there remember: a throttled task
-            # stays throttled and an open digest window stays open across an edit of the file.
-            kept = {rule.name for rule in self._rules}
-            self._throttled = {k: v for k, v in previous._throttled.items() if k[0] in kept}
-            self._windows = {
-                k: v for k, v in previous._windows.items() if k.partition("|")[0] in kept
-            }
+            # A reload keeps what the rules that are still there remember.
+            self._memory.keep(previous._memory, {rule.name for rule in self._rules})
 
     def route(self, events: Sequence[Event], now: float | None = None) -> list[Delivery]:
         now = self._clock() if now is None else now
-        self._prune(now)
+        self._memory.prune(now)
         deliveries: list[Delivery] = []
         for event in events:
             matches = self._evaluate(event, now, record=True)
@@ -130,12 +120,10 @@ class Router:
                     f"{templates.duration(window)}"
                 )
                 key = (rule.name, event.source, event.subject)
-                if self._throttled.get(key, 0.0) > now:
+                if self._memory.throttled(key, now, window, record):
                     notes.append("throttled: this task was notified by this rule too recently")
                     matches.append(Match(rule.name, True, "", (), tuple(notes), throttled=True))
                     continue
-                if record:
-                    self._throttled[key] = now + window
             notes += [
                 f"{t}: already gets this event from rule '{claimed[t]}'"
                 for t in rule.config.to
@@ -147,7 +135,9 @@ class Router:
             title, body, error = ("", "", None) if textless or not targets else rule.render(event)
             if error is not None:
                 notes.append(f"{error}; its deliveries become dead letters with the default text")
-            group, not_before = self._digest(rule, event, record) if targets else (None, None)
+            group, not_before = (
+                self._memory.digest(rule, event, record) if targets else (None, None)
+            )
             if group is not None and not_before is not None:
                 after = max(0.0, not_before.timestamp() - event.time.timestamp())
                 notes.append(
@@ -170,33 +160,3 @@ class Router:
             )
             matches.append(Match(rule.name, True, "", deliveries, tuple(notes)))
         return matches
-
-    def _digest(
-        self, rule: CompiledRule, event: Event, record: bool
-    ) -> tuple[str | None, datetime | None]:
-        """Alertmanager's grouping for events. The first event of a quiet group opens a window
-        of `wait` (group_wait); every event of the group inside the window is due when it
-        closes, so all go as one digest. With `interval` (group_interval) the next window closes
-        no sooner than `interval` after the last one: at most one message per interval."""
-        key = rule.group_key(event)
-        group = rule.config.group
-        if key is None or group is None:
-            return None, None
-        at = event.time.timestamp()
-        closes = self._windows.get(key)
-        if closes is None or at >= closes:
-            opens = at + group.wait
-            if closes is not None and group.interval:
-                opens = max(opens, closes + group.interval)
-            closes = opens
-            if record:
-                self._windows[key] = closes
-        return key, datetime.fromtimestamp(closes, UTC)
-
-    def _prune(self, now: float) -> None:
-        if now < self._next_prune:
-            return
-        self._next_prune = now + 60.0
-        self._throttled = {k: v for k, v in self._throttled.items() if v > now}
-        # A window is remembered as long as it can still hold the next one back.
-        self._windows = {k: v for k, v in self._windows.items() if v > now - self._window_memory}
