@@ -56,8 +56,8 @@ def status_rank(status: str | None) -> int:
 
 
 # The fields of a task as the midjourney-proxy family documents them (docs reference, section 4).
-# Rows stay plain dicts (normalize.py): nothing is validated against this list; rules.py lets a
-# `when` key name these without the `task.` prefix. Unknown fields are kept and passed on.
+# Rows stay plain dicts (normalize.py): nothing is validated against this list; conditions.py lets
+# a `when` key name these without the `task.` prefix. Unknown fields are kept and passed on.
 TASK_FIELDS: tuple[str, ...] = (
     "id", "action", "status", "progress", "prompt", "promptEn", "description", "state",
     "submitTime", "startTime", "finishTime", "imageUrl", "failReason", "buttons", "properties",

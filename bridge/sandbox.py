@@ -14,7 +14,7 @@ Budget, and the sandbox charges it at each place a template can do work or grow 
   constant refuse to run without a budget, so Jinja leaves them for render time and `bridge check`
   of `{{ 'a' * 10**9 }}` stays small and fast.
 
-A template over a limit raises TemplateLimit, which says which limit; rules.py turns it into a dead
+A template over a limit raises TemplateLimit, which says which limit; rules/ turns it into a dead
 letter for that rule's deliveries. Why not render off the loop with a deadline: a thread cannot be
 stopped (the runaway render would keep its CPU and its memory, and the next one would start another
 thread), and a process per render would cost the hot path a fork or a pickled event each time.
