@@ -43,7 +43,7 @@ class SourceConfig(Strict):
     base_url: str
     api_key: str | None = None
     # None: detected. The mj-api-secret header first (midjourney-proxy's own; trueai and new-api
-    # accept it too), the other schemes tried once on a 401/403 (sources/poll.py).
+    # accept it too), the other schemes tried once on a 401/403 (sources/auth.py).
     auth: Literal["bearer", "mj-api-secret", "raw", "none"] | None = None
     poll_interval: PositiveDuration = 5.0
     timeout: PositiveDuration = 10.0

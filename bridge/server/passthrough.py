@@ -30,7 +30,7 @@ from bridge.errors import Redactor
 from bridge.server.auth import same
 from bridge.server.edge import BodyRefused, SourceHandle, live_of, read_body, refuse, served
 from bridge.server.push import HOOKS
-from bridge.sources.answers import auth_headers
+from bridge.sources.auth import auth_headers
 
 log = logging.getLogger("bridge.passthrough")
 

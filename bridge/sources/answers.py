@@ -1,11 +1,11 @@
-"""What an upstream's answers mean, for every request a source makes: the auth headers of each
-scheme, an HTTP status as a SourceError reason, an HTML page refused as no task API, a JSON object
-checked, a transport error in a few words. Pipeline: **source** -> snapshot -> diff.
+"""What an upstream's answers mean, for every request a source makes: an HTTP status as a
+SourceError reason, an HTML page refused as no task API, a JSON object checked, a transport error
+as a SourceError in a few words. Pure. Pipeline: **source** -> snapshot -> diff.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -16,28 +16,6 @@ from bridge.sources.normalize import Body
 
 JSON_TYPE = "application/json"
 LIST_PATH = "/mj/task/list"
-
-
-AUTH_SCHEMES = ("mj-api-secret", "bearer", "raw")
-
-
-def auth_headers(auth: str | None, api_key: str | None) -> dict[str, str]:
-    """The request headers of one auth mode (None: mj-api-secret, which midjourney-proxy needs
-    and trueai and new-api accept too); none without a key."""
-    if not api_key:
-        return {}
-    match auth or "mj-api-secret":
-        case "bearer":
-            return {"Authorization": f"Bearer {api_key}"}
-        case "mj-api-secret":
-            return {"mj-api-secret": api_key}
-        case "raw":
-            return {"Authorization": api_key}
-    return {}
-
-
-def why(reasons: Counter[str]) -> str:
-    return ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
 
 
 def is_html(content_type: str, payload: Body) -> bool:
@@ -105,3 +83,20 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without answering"
     return str(exc) or type(exc).__name__
+
+
+def transport_error(
+    exc: Exception, where: str, timeout: float, redact: Callable[[str], str]
+) -> SourceError:
+    """A request that got no whole answer (timeout, cut short, unreachable, not sendable) as
+    the poll's failure; `redact` takes the source's key out of the driver's words."""
+    if isinstance(exc, TimeoutError):
+        return SourceError("timeout", f"{where}: no answer within {timeout:g}s")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return SourceError(
+            "bad_payload", f"{where}: the response was cut short ({redact(str(exc))})"
+        )
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return SourceError("unreachable", f"{where}: {redact(describe_error(exc))}")
+    # e.g. user:pass in base_url and an Authorization header
+    return SourceError("unreachable", f"{where}: cannot send the request: {redact(str(exc))}")

@@ -1,18 +1,13 @@
 """`TaskAPI`: the upstream's Task Inquiry API, one method per endpoint, and `poll()` (list mode).
 Pipeline: **source** -> snapshot -> diff -> events. Faults become SourceError(reason, message)
-(what each answer means: answers.py). The other ways of reading (active, ids) combine these calls
-in modes.py.
+(what each answer means: answers.py; the auth scheme: auth.py; the bounded read: body.py). The
+other ways of reading (active, ids) combine these calls in modes.py.
 
 A list-mode poll is GET {base_url}/mj/task/list, then POST /mj/task/list-by-condition for every
 tracked unfinished task the list did not contain (capped lists such as trueai's 100 newest), in
 batches of at most 100 ids. What that lookup does not find goes to `Snapshot.missing`; the diff
 decides when it has vanished. Nothing is concluded from a failed request: the poll fails instead.
-
-Rows without a usable id (`{"id": null}`, `{"foo": 1}`) or with a progress that is not a finite
-number are junk, not tasks (normalize.py). An answer of junk only is a bad payload
-(UnusableRows): the poll fails and counts towards source.down. An answer with some junk is used,
-but a poll that met any (its `JunkTally`) concludes nothing missing, since the junk may be the very
-tasks it looked for; its junk is logged once, in one warning line and counted in metrics.
+A poll that met junk rows (junk.py) concludes nothing missing.
 """
 
 from __future__ import annotations
@@ -20,10 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Collection, Container, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Container, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
@@ -34,21 +27,20 @@ from bridge.config import SourceConfig
 from bridge.diff import Snapshot
 from bridge.errors import Redactor, SourceError
 from bridge.sources.answers import (
-    AUTH_SCHEMES,
     JSON_TYPE,
     LIST_PATH,
     answer_code,
-    auth_headers,
     check_status,
-    describe_error,
     is_html,
     json_object,
     refuse_html,
-    why,
+    transport_error,
 )
+from bridge.sources.auth import Auth
+from bridge.sources.body import read_body
+from bridge.sources.junk import JunkTally, gather, usable
 from bridge.sources.normalize import (
     Body,
-    Dropped,
     Normalized,
     normalize_task,
     normalize_tasks,
@@ -56,7 +48,7 @@ from bridge.sources.normalize import (
 )
 from bridge.sources.spans import ListSpans
 
-__all__ = ["BATCH", "JunkTally", "TaskAPI", "UnusableRows"]
+__all__ = ["BATCH", "TaskAPI"]
 
 log = logging.getLogger("bridge.sources")
 
@@ -71,39 +63,6 @@ _QUERY = "/mj/task/query"
 OFF_LOOP_BYTES = 256 * 1024
 
 
-class UnusableRows(SourceError):
-    """An answer of task rows none of which has a usable id (or, to the probe, any such row): the
-    endpoint is there but serves junk now. A bad payload, never taken for an empty list."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("bad_payload", message)
-
-
-@dataclass(slots=True)
-class JunkTally:
-    """The rows without a usable id met by the requests of one poll: how many, why and where."""
-
-    reasons: Counter[str] = field(default_factory=Counter)
-    where: list[str] = field(default_factory=list)
-
-    @property
-    def junk(self) -> int:
-        return self.reasons.total()
-
-    def add(self, where: str, dropped: Sequence[Dropped]) -> None:
-        self.reasons.update(d.reason for d in dropped)
-        if where not in self.where:
-            self.where.append(where)
-
-    def describe(self) -> str:
-        return f"{self.junk} unusable task row(s) ({why(self.reasons)}) from " + (
-            ", ".join(self.where)
-        )
-
-
-_TALLY: ContextVar[JunkTally | None] = ContextVar("bridge_sources_tally", default=None)
-
-
 class TaskAPI:
     """Reads one upstream. The session is shared and owned by the caller: never closed here."""
 
@@ -111,12 +70,7 @@ class TaskAPI:
         self.config = config
         self.name = config.name
         self._session = session
-        self._headers = {"Accept": "application/json", **auth_headers(config.auth, config.api_key)}
-        # The schemes are tried once, on the first 401/403: to adopt one when the config leaves
-        # `auth` out, or to name the one that works when the configured one does not.
-        self.auth = config.auth or AUTH_SCHEMES[0]
-        self._auth_tried = not config.api_key or config.auth == "none"
-        self._works: str | None = None  # the scheme found to work when another is configured
+        self._auth = Auth(config.name, config.auth, config.api_key)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._redact = Redactor([config.api_key] if config.api_key else [])
         self.dropped = 0  # unusable rows met by the last poll (for tests)
@@ -128,6 +82,11 @@ class TaskAPI:
         self._spans = ListSpans()  # what the last whole read held, to skip what did not change
 
     @property
+    def auth(self) -> str:
+        """The auth scheme the requests carry (the one detected when the config leaves it out)."""
+        return self._auth.scheme
+
+    @property
     def session(self) -> aiohttp.ClientSession:
         """The shared session (the pass-through forwards client requests through it)."""
         return self._session
@@ -136,21 +95,13 @@ class TaskAPI:
         """`text` with this source's key taken out (for messages built outside this module)."""
         return self._redact(text)
 
-    @contextmanager
-    def tally(self) -> Iterator[JunkTally]:
+    def tally(self) -> AbstractContextManager[JunkTally]:
         """The span of one poll: the junk rows its requests meet gather here, and when it ends
         without an error they are logged in one warning line (a failed poll has its own line).
         A tally inside a tally is the outer one."""
-        outer = _TALLY.get()
-        if outer is not None:
-            yield outer
-            return
-        tally = JunkTally()
-        token = _TALLY.set(tally)
-        try:
-            yield tally
-        finally:
-            _TALLY.reset(token)
+        return gather(self._report)
+
+    def _report(self, tally: JunkTally) -> None:
         self.dropped = tally.junk
         if tally.junk:
             if self.on_junk is not None:
@@ -223,7 +174,7 @@ class TaskAPI:
         content = data.get("content")
         if not isinstance(content, list):
             raise SourceError("bad_payload", f"{where}: expected a Spring page with content[]")
-        normalized = self._usable(where, normalize_tasks(content))
+        normalized = usable(where, normalize_tasks(content))
         last = data.get("last")
         return normalized, bool(last) if isinstance(last, bool) else len(content) < size
 
@@ -310,21 +261,7 @@ class TaskAPI:
             result = await asyncio.to_thread(parse) if len(payload) > OFF_LOOP_BYTES else parse()
         except SourceError as exc:
             raise SourceError(exc.reason, f"{where}: {self._redact(str(exc))}") from exc
-        return self._usable(where, result)
-
-    def _usable(self, where: str, result: Normalized) -> Normalized:
-        """A list of junk only is a bad payload, never an empty list; some junk joins the tally."""
-        if result.dropped:
-            if not result.tasks and not result.unchanged:
-                reasons = Counter(d.reason for d in result.dropped)
-                raise UnusableRows(
-                    f"{where}: none of the {len(result.dropped)} rows is a usable task "
-                    f"({why(reasons)})"
-                )
-            tally = _TALLY.get()
-            if tally is not None:
-                tally.add(where, result.dropped)
-        return result
+        return usable(where, result)
 
     async def _send(
         self, method: str, path: str, data: bytes | None, *, strict: bool = True
@@ -333,92 +270,24 @@ class TaskAPI:
         `strict` every HTTP status >= 300, become SourceError."""
         url = self.config.base_url + path
         where = f"{method} {self._redact(url)}"
-        headers = self._headers if data is None else {**self._headers, "Content-Type": JSON_TYPE}
+        auth = self._auth
+        headers = auth.headers if data is None else {**auth.headers, "Content-Type": JSON_TYPE}
         try:
             async with self._session.request(
                 method, url, data=data, headers=headers, timeout=self._timeout
             ) as response:
                 status = response.status
-                if status in (401, 403) and not self._auth_tried:
-                    self._auth_tried = True
-                    better = await self._other_auth(method, url, data)
+                if auth.first_refusal(status):
+                    better = await auth.search(self._session, method, url, data, self._timeout)
                     if better is not None:
                         return await self._send(method, path, data, strict=strict)
                 if strict:
-                    check_status(response.status, where, self._auth_hint())
-                payload = await self._read(response, where)
+                    check_status(response.status, where, auth.hint())
+                payload = await read_body(response, where, self.config.max_response)
                 if self.on_answer is not None:
                     self.on_answer()
                 return where, response.status, response.content_type, payload
         except SourceError:
             raise
-        except TimeoutError as exc:
-            raise SourceError(
-                "timeout", f"{where}: no answer within {self.config.timeout:g}s"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise SourceError(
-                "bad_payload", f"{where}: the response was cut short ({self._redact(str(exc))})"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise SourceError(
-                "unreachable", f"{where}: {self._redact(describe_error(exc))}"
-            ) from exc
-        except ValueError as exc:  # e.g. user:pass in base_url and an Authorization header
-            raise SourceError(
-                "unreachable", f"{where}: cannot send the request: {self._redact(str(exc))}"
-            ) from exc
-
-    async def _read(self, response: aiohttp.ClientResponse, where: str) -> Body:
-        """The body, counted while it streams: an answer over `max_response` (one that never
-        ends, say) fails the poll with `too_large` instead of filling the memory."""
-        limit = self.config.max_response
-        too_large = SourceError(
-            "too_large",
-            f"{where}: the answer is larger than max_response ({limit:,} bytes); "
-            "raise max_response if the list is really this large",
-        )
-        if response.content_length is not None and response.content_length > limit:
-            raise too_large
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(1 << 16):
-            if len(body) + len(chunk) > limit:
-                raise too_large
-            body += chunk
-        return body  # a bytearray: no second copy of a large answer
-
-    async def _other_auth(self, method: str, url: str, data: bytes | None) -> str | None:
-        """After a 401/403: the first other scheme the server accepts, tried once each. Adopted
-        (and returned) when the config left `auth` out; named in the error when it chose one."""
-        for scheme in AUTH_SCHEMES:
-            if scheme == self.auth:
-                continue
-            headers = {"Accept": "application/json", **auth_headers(scheme, self.config.api_key)}
-            extra = {} if data is None else {"Content-Type": JSON_TYPE}
-            try:
-                async with self._session.request(
-                    method, url, data=data, headers={**headers, **extra}, timeout=self._timeout
-                ) as response:
-                    accepted = response.status not in (401, 403)
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                return None  # the poll fails on its own request's answer
-            if not accepted:
-                continue
-            if self.config.auth is None:
-                log.info("%s: the upstream accepts auth %r (detected)", self.name, scheme)
-                self.auth, self._headers = scheme, headers
-                return scheme
-            self._works = scheme
-            return None
-        self._works = ""
-        return None
-
-    def _auth_hint(self) -> str:
-        if self._works:
-            return (
-                f"the key is refused with auth: {self.auth} but accepted with auth: "
-                f"{self._works}: set `auth: {self._works}` on source {self.name}"
-            )
-        if self._works == "":
-            return f"the key is refused in every scheme ({', '.join(AUTH_SCHEMES)}): check api_key"
-        return "check api_key and the auth mode"
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            raise transport_error(exc, where, self.config.timeout, self._redact) from exc

@@ -18,8 +18,9 @@ from typing import Literal
 from bridge.config import SourceConfig
 from bridge.errors import SourceError
 from bridge.models import UNFINISHED
+from bridge.sources.junk import UnusableRows
 from bridge.sources.modes import SMALL_LIST, ActiveReader, IdsReader, ListReader, Reader
-from bridge.sources.poll import TaskAPI, UnusableRows
+from bridge.sources.poll import TaskAPI
 
 __all__ = ["choose_reader"]
 
