@@ -1,6 +1,6 @@
 """What the bridge does to and with the upstream beside reading it: `enrich: [seed]` adds each
 succeeded task's seed to its event before the rules see it, and rules with `cancel: true` cancel
-stalled tasks after the commit. Between diff and rules, and after the outbox, in watch.py.
+stalled tasks after the commit. Between diff and rules, and after the outbox, in watch/.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ the store, and stops it the moment the lease is lost.
 
 The renewal shares the event loop with the poll, so a stretch of work that holds the loop (a
 first contact with 100,000 tasks) delays it: the lease lasts at least MIN_TTL whatever the poll
-interval, the heavy parts of a poll run off the loop (sources/poll.py, watch.py), and a renewal
+interval, the heavy parts of a poll run off the loop (sources/poll.py, watch/), and a renewal
 answered late still counts. The store's answer decides, not the stall: a renewal succeeds only
 while the lease row still names this holder, so no other replica took it meanwhile.
 """

@@ -3,7 +3,7 @@ transports), so a stage depends on the few calls it makes, not on the whole Stor
 backends provide every one of them. A new read query (an events API, say) goes into `Stats` or a
 protocol of its own.
 
-    TaskStates   watch.py, `bridge track`      task states, snapshots, source health
+    TaskStates   watch/, `bridge track`        task states, snapshots, source health
     Outbox       deliver/                      claims, acks, retries, dead letters made
     DeadLetters  `bridge dlq`, the server      listing and replaying dead letters
     Leases       lease.py                      who polls a source
