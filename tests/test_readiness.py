@@ -15,6 +15,7 @@ from bridge.commands.track import track_command
 from bridge.config import Config
 from bridge.simulator import Simulator
 from bridge.sources.health import SourceStatus, readiness
+from tests import pg
 from tests.conftest_browser import SIM_KEY, eventually, running_bridge
 from tests.receiver import Receiver
 
@@ -182,3 +183,25 @@ async def test_a_first_poll_of_many_slow_answers_stays_ready_while_it_moves_on(
     for status, body in during:
         assert status == 200, body
         assert orjson.loads(body)["sources"]["mj"].startswith("ok (first poll in progress")
+
+
+async def test_a_replica_that_does_not_hold_the_lease_shows_its_source_on_standby(
+    rx: Receiver, tmp_path: Path
+) -> None:
+    # Two replicas on one PostgreSQL database: one polls, the other waits for the lease. The
+    # waiting one used to show the source as `waiting` (for a first poll that never comes).
+    async with (
+        pg.database() as db,
+        Simulator(api_key=SIM_KEY) as sim,
+        aiohttp.ClientSession() as http,
+        running_bridge(config(sim, rx), db) as leader,
+        running_bridge(config(sim, rx), db, polled=()) as standby,
+    ):
+        assert leader.running.watchers["mj"].status.polls  # the first holds the lease
+        status, body = await get(http, f"{standby.url}/readyz")
+        assert status == 200
+        assert orjson.loads(body)["sources"] == {"mj": "polled by another replica"}
+        _, page = await get(http, f"{standby.url}/")
+        assert '<span class="badge state-standby">standby</span>' in page
+        _, page = await get(http, f"{leader.url}/")
+        assert '<span class="badge state-up">up</span>' in page

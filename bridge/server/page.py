@@ -87,7 +87,7 @@ def render(template: str, *, images_from: str = "", **context: Any) -> web.Respo
 @dataclass(frozen=True, slots=True)
 class _SourceRow:
     name: str
-    state: str  # up | failing | down | waiting | polling (the first poll, still running)
+    state: str  # up | failing | down | waiting | polling (the first poll) | standby
     base: str
     push: bool
     last_ok: float | None
@@ -174,7 +174,9 @@ async def _page_context(live: Live, redactor: Redactor, filters: Filters) -> dic
     sources = []
     for name, handle in live.sources.items():
         status = handle.status
-        if not status.up:
+        if not handle.leading:
+            state = "standby"  # another replica holds the source's lease and polls it
+        elif not status.up:
             state = "down"
         elif handle.failing:
             state = "failing"
